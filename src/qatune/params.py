@@ -1,0 +1,126 @@
+"""Typed access to params.yaml: one pydantic model per block, unknown keys are errors.
+
+Every stage calls `load_params()` and reads only its own block(s); dvc.yaml lists exactly those
+keys so that `dvc exp run -S KEY=VALUE` reruns only the stages KEY touches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qatune.errors import QatuneError
+
+PARAMS_FILE = "params.yaml"
+
+# `fraction` (0 < x < 1) of all rows, or an absolute row `count` (>= 1).
+SplitSize = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    """A params block: misspelled or unknown keys are rejected, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelParams(Strict):
+    source: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="'bundled:smollm2-135m-instruct', a Hugging Face Hub model id, or a local folder",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to snapshot")
+    trust_remote_code: bool = Field(
+        False, description="run model code from the Hub; off unless a profile needs it"
+    )
+
+
+class SourceParams(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="file stem under data/raw/")
+    type: Literal["bundled", "hub", "local"]
+    path: str | None = Field(None, description="bundled dataset name, or a local jsonl/json/csv/parquet file")
+    dataset: str | None = Field(None, description="Hub dataset id, for type: hub")
+    config: str | None = Field(None, description="Hub dataset configuration (subset) name")
+    split: str = Field("train", description="Hub dataset split")
+    revision: str | None = Field(None, description="Hub dataset revision")
+    samples: int | None = Field(None, ge=1, description="rows to draw from this source; null = all")
+    format: str = Field("auto", description="auto, or force one of qatune.formats.FORMATS")
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> SourceParams:
+        if self.type == "hub" and not self.dataset:
+            raise ValueError(f"source {self.name!r}: type 'hub' needs 'dataset'")
+        if self.type in ("bundled", "local") and not self.path:
+            raise ValueError(f"source {self.name!r}: type {self.type!r} needs 'path'")
+        return self
+
+
+class FetchParams(Strict):
+    sources: list[SourceParams] = Field(min_length=1)
+
+
+class CleanParams(Strict):
+    max_prompt_length: int = Field(ge=8, description="tokens, prompt incl. chat template")
+    max_length: int = Field(ge=16, description="tokens, prompt + longest answer")
+    max_field_chars: int = Field(
+        ge=100, description="characters; longer fields are rejected before tokenising"
+    )
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> CleanParams:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("clean.max_prompt_length must be smaller than clean.max_length")
+        return self
+
+
+class SplitParams(Strict):
+    val: SplitSize = Field(description="fraction (<1) or row count (>=1) for validation")
+    test: SplitSize = Field(description="fraction (<1) or row count (>=1) for test")
+    stratify: Literal["topic"] | None = Field("topic", description="keep topic proportions in every split")
+
+
+class Params(Strict):
+    seed: int = Field(ge=0, description="one seed for sampling, splitting and training")
+    data_samples: int = Field(0, ge=0, description="cap on fetched rows for quick runs; 0 = no cap")
+    beta: float = Field(gt=0, description="DPO beta (top level so `dvc exp run -S beta=0.2` works)")
+    base_model: BaseModelParams
+    fetch: FetchParams
+    clean: CleanParams
+    split: SplitParams
+
+
+def _format_error(err: ValidationError, path: str) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{where}'")
+        elif e["type"] == "missing":
+            parts.append(f"missing key '{where}'")
+        else:
+            parts.append(f"'{where}': {e['msg']}")
+    return f"{path}: " + "; ".join(parts)
+
+
+def parse_params(data: object, path: str = PARAMS_FILE) -> Params:
+    """Validate an already-loaded params mapping."""
+    if not isinstance(data, dict):
+        raise QatuneError(f"{path}: expected a mapping of blocks at the top level")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise QatuneError(_format_error(err, path)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; any unknown or misspelled key is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise QatuneError(f"{path}: not found (run from the project root)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise QatuneError(f"{path}: invalid YAML: {err}".replace("\n", " ")) from None
+    return parse_params(data, str(path))

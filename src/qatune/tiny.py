@@ -1,0 +1,98 @@
+"""Tiny random models with small trained tokenizers, for tests and smoke runs (seconds on a CPU).
+
+    python -m qatune.tiny OUT_DIR [--family llama|qwen2|qwen3|gemma]
+
+The tokenizer is a byte-level BPE trained in-process on a few KB of domain text (vocabulary ~400),
+with a ChatML chat template; the model is a random 2-layer config of the chosen family.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = (
+    "How much protein do I need to build muscle? Aim for 1.6 to 2.2 grams per kilogram of body weight per day. "
+    "Squat, bench press and deadlift three times a week with progressive overload. Sleep seven to nine hours. "
+    "Drink water, eat vegetables, fruit, whole grains and lean meat. Walk 8000 steps. Stop if you feel chest pain "
+    "and see a doctor. Creatine monohydrate 3 to 5 g a day is safe for healthy adults. Warm up before lifting. "
+    "user assistant system What should I eat before a run? Carbohydrate 1 to 4 g/kg one to four hours before. "
+)
+
+
+def build_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token=None
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_model(tokenizer, family: str = "llama", seed: int = 0):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kinds = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+    config = AutoConfig.for_model(
+        kinds[family],
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def save_tiny(out: str | Path, family: str = "llama", seed: int = 0) -> Path:
+    out = Path(out)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, family, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", help="folder to write the model and tokenizer to")
+    parser.add_argument(
+        "--family",
+        default="llama",
+        choices=["llama", "qwen2", "qwen3", "gemma"],
+        help="architecture family of the random config",
+    )
+    args = parser.parse_args(argv)
+    print(save_tiny(args.out, args.family))
+
+
+if __name__ == "__main__":
+    main()

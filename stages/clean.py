@@ -1,0 +1,81 @@
+"""clean: normalise every raw row to one canonical record, reject the rest with a reason.
+
+    python stages/clean.py --params params.yaml --raw data/raw --model models/base \
+        --out data/clean/rows.jsonl --rejects data/clean/rejects.jsonl --metrics metrics/clean.json
+
+Reads `clean` and `fetch.sources` (for each source's format) from params. Token lengths are measured
+with the base model's own tokenizer and chat template. kept + dropped == read, always.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from qatune.clean import choose_format, clean_rows
+from qatune.errors import QatuneError, fail_cleanly
+from qatune.io import write_json, write_jsonl
+from qatune.params import load_params
+
+
+def token_counter(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def count(messages: list[dict], generation_prompt: bool) -> int:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file to read")
+    parser.add_argument("--raw", default="data/raw", help="folder written by the fetch stage")
+    parser.add_argument("--model", default="models/base", help="base model folder (for its tokenizer)")
+    parser.add_argument("--out", default="data/clean/rows.jsonl", help="canonical rows to write")
+    parser.add_argument("--rejects", default="data/clean/rejects.jsonl", help="dropped rows with reasons")
+    parser.add_argument("--metrics", default="metrics/clean.json", help="counts to write")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+
+    envelopes, formats = [], {}
+    for src in params.fetch.sources:
+        path = Path(args.raw) / f"{src.name}.jsonl"
+        if not path.is_file():
+            raise QatuneError(f"{path}: missing; run the fetch stage first (dvc repro fetch)")
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        label = rows[0]["file"] if rows else str(path)
+        formats[src.name] = choose_format(rows, src.format, label)
+        print(f"clean: {src.name}: format {formats[src.name]}")
+        envelopes.extend(rows)
+
+    c = params.clean
+    result = clean_rows(
+        envelopes, formats, token_counter(args.model), c.max_prompt_length, c.max_length, c.max_field_chars
+    )
+    if not result.kept:
+        first = result.rejects[0] if result.rejects else None
+        hint = f" (first reject: {first['file']}:{first['line']}: {first['detail']})" if first else ""
+        raise QatuneError(f"no valid rows left after cleaning {result.read} rows{hint}")
+    write_jsonl(args.out, result.kept)
+    write_jsonl(args.rejects, result.rejects)
+    counts = {**result.counts(), "formats": formats}
+    write_json(args.metrics, counts)
+    print(
+        f"clean: read {counts['read']}, kept {counts['kept']}, dropped {counts['dropped']} "
+        f"{counts['dropped_by_reason']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Readers keep every row (bad ones as errors with their line); fetch samples reproducibly."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from qatune.errors import QatuneError
+from qatune.fetch import allocate, load_source, sample_rows
+from qatune.io import read_rows
+from qatune.params import SourceParams
+
+
+def test_jsonl_malformed_and_non_utf8_lines_become_errors(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(
+        b'{"question": "q", "answer": "a"}\n{"question": \n\n{"question": "caf\xe9", "answer": "a"}\n'
+    )
+    rows = list(read_rows(f))
+    assert [r[0] for r in rows] == [1, 2, 4]
+    assert rows[0][1] == {"question": "q", "answer": "a"}
+    assert rows[1][2].startswith("malformed_json") and rows[2][2].startswith("non_utf8")
+
+
+@pytest.mark.parametrize("name", ["e.jsonl", "e.csv"])
+def test_empty_file_is_fatal_and_named(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(QatuneError, match=f"{name}: file is empty"):
+        list(read_rows(tmp_path / name))
+
+
+def test_missing_and_unsupported_files(tmp_path):
+    with pytest.raises(QatuneError, match="file not found"):
+        read_rows(tmp_path / "x.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(QatuneError, match="unsupported file type '.txt'"):
+        read_rows(tmp_path / "x.txt")
+
+
+def test_json_csv_parquet_readers(tmp_path):
+    recs = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": 'a, "quoted"\nline'}]
+    (tmp_path / "d.json").write_text(json.dumps({"data": recs}))
+    pd.DataFrame(recs).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(recs).to_parquet(tmp_path / "d.parquet")
+    for suffix in ("json", "csv", "parquet"):
+        assert [r[1] for r in read_rows(tmp_path / f"d.{suffix}")] == recs, suffix
+
+
+def test_invalid_json_file_is_fatal_with_line(tmp_path):
+    (tmp_path / "d.json").write_text('[\n{"a": 1},\n{oops}\n]')
+    with pytest.raises(QatuneError, match=r"d.json:3: invalid JSON"):
+        list(read_rows(tmp_path / "d.json"))
+
+
+def test_allocate_scales_to_cap():
+    assert allocate([100, 50], 0) == [100, 50]
+    assert allocate([100, 50], 30) == [20, 10]
+    assert sum(allocate([7, 7, 7], 10)) == 10
+
+
+def test_sample_rows_is_seeded_and_ordered():
+    rows = [(i, {"i": i}, None) for i in range(100)]
+    a, b = sample_rows(rows, 10, 3), sample_rows(rows, 10, 3)
+    assert a == b and [r[0] for r in a] == sorted(r[0] for r in a)
+    assert sample_rows(rows, 10, 4) != a and sample_rows(rows, None, 3) == rows
+
+
+def test_bundled_source_loads_and_hub_offline_fails_naming_the_dataset(monkeypatch):
+    rows, origin = load_source(SourceParams(name="f", type="bundled", path="fitness_pairs"))
+    assert len(rows) >= 1000 and origin["file"] == "bundled:fitness_pairs" and len(origin["sha256"]) == 64
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(QatuneError, match="cannot load hub dataset 'mlabonne/FineTome-100k'"):
+        load_source(SourceParams(name="h", type="hub", dataset="mlabonne/FineTome-100k"))

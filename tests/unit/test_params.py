@@ -1,0 +1,84 @@
+"""params.yaml is typed: the real file validates, unknown keys fail with the key's name."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qatune.errors import QatuneError
+from qatune.params import load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[2]
+RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_project_params_validate():
+    params = load_params(ROOT / "params.yaml")
+    assert params.base_model.source == "bundled:smollm2-135m-instruct"
+    assert params.base_model.trust_remote_code is False
+
+
+def test_beta_is_a_top_level_key_so_dvc_exp_run_S_beta_changes_it():
+    assert "beta" in RAW and isinstance(RAW["beta"], float)
+    assert parse_params({**RAW, "beta": 0.2}).beta == 0.2
+
+
+@pytest.mark.parametrize(("path", "name"), [((), "betta"), (("clean",), "max_lenght"), (("split",), "tset")])
+def test_unknown_key_is_an_error_naming_it(path, name):
+    data = copy.deepcopy(RAW)
+    block = data
+    for key in path:
+        block = block[key]
+    block[name] = 1
+    with pytest.raises(QatuneError, match=f"unknown key '{'.'.join((*path, name))}'"):
+        parse_params(data)
+
+
+def test_unknown_key_in_a_source_is_an_error():
+    data = copy.deepcopy(RAW)
+    data["fetch"]["sources"][0]["sampels"] = 3
+    with pytest.raises(QatuneError, match=r"unknown key 'fetch.sources.0.sampels'"):
+        parse_params(data)
+
+
+def test_wrong_type_and_missing_key():
+    with pytest.raises(QatuneError, match="'beta'"):
+        parse_params({**RAW, "beta": "high"})
+    data = {k: v for k, v in RAW.items() if k != "split"}
+    with pytest.raises(QatuneError, match="missing key 'split'"):
+        parse_params(data)
+
+
+def test_source_needs_its_location():
+    data = copy.deepcopy(RAW)
+    data["fetch"]["sources"] = [{"name": "x", "type": "hub"}]
+    with pytest.raises(QatuneError, match="needs 'dataset'"):
+        parse_params(data)
+
+
+def test_prompt_limit_below_total_limit():
+    data = copy.deepcopy(RAW)
+    data["clean"]["max_prompt_length"] = 2048
+    with pytest.raises(QatuneError, match="max_prompt_length"):
+        parse_params(data)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(QatuneError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("seed: [1,\n")
+    with pytest.raises(QatuneError, match="invalid YAML"):
+        load_params(bad)
+
+
+def test_every_params_key_a_stage_reads_is_declared_in_dvc_yaml():
+    """dvc.yaml's params lists only keys that exist, so `-S` on them reruns the right stages."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    for name, stage in dvc["stages"].items():
+        for key in stage.get("params", []):
+            node = RAW
+            for part in key.split("."):
+                assert part in node, f"stage {name} lists params key {key!r} that params.yaml lacks"
+                node = node[part]
