@@ -1,0 +1,28 @@
+"""`dvc repro` of the data stages on a tiny profile: the DAG, caching and experiments for real."""
+
+import json
+import sys
+
+from tests.conftest import run
+
+
+def dvc(proj, *args):
+    return run([sys.executable, "-m", "dvc", *args], proj)
+
+
+def test_dvc_repro_split_dag_and_rerun(project):
+    proj = project()
+    out = dvc(proj, "repro", "split").stdout
+    for name in ("fetch", "clean", "split"):
+        assert f"Running stage '{name}'" in out
+    assert (proj / "data/split/train.jsonl").is_file()
+    lock = (proj / "dvc.lock").read_text()
+    assert "models/base" in lock and "data/split" in lock
+    dag = dvc(proj, "dag", "--dot").stdout
+    assert '"fetch" -> "clean"' in dag and '"clean" -> "split"' in dag
+    assert "Running stage" not in dvc(proj, "repro", "split").stdout  # nothing changed, nothing reruns
+
+    # A split param reruns split only; fetch and clean stay cached.
+    out = dvc(proj, "exp", "run", "-S", "split.test=0.2", "split").stdout
+    assert "Running stage 'split'" in out and "Running stage 'fetch'" not in out
+    assert json.loads((proj / "metrics/split.json").read_text())["rows"]["test"] == 6

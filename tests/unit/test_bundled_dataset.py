@@ -1,0 +1,123 @@
+"""The bundled fitness & nutrition preference pairs: schema, variety, balance, and the card's numbers."""
+
+import itertools
+import re
+import unicodedata
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from qatune.clean import clean_rows
+from qatune.datacard import CARD, load, render
+from qatune.formats import dedup_key
+
+ROWS = load()
+FLAWS = {
+    "factual_error",
+    "unsafe_advice",
+    "gym_myth",
+    "vague_generic",
+    "overconfident",
+    "ignores_context",
+    "off_topic",
+}
+FIELDS = {"id", "question", "chosen", "rejected", "topic", "flaw", "safety"}
+
+
+def words(text):
+    return len(text.split())
+
+
+def tokens(text):
+    return set(re.findall(r"[a-z0-9]+", unicodedata.normalize("NFC", text).casefold()))
+
+
+def test_schema_and_ids():
+    assert len(ROWS) >= 1000
+    for r in ROWS:
+        assert set(r) == FIELDS, r["id"]
+        assert all(isinstance(r[k], str) and r[k].strip() for k in FIELDS - {"safety"}), r["id"]
+        assert isinstance(r["safety"], bool) and r["flaw"] in FLAWS, r["id"]
+    assert len({r["id"] for r in ROWS}) == len(ROWS)
+
+
+def test_questions_unique_and_no_near_duplicates():
+    assert len({dedup_key(r["question"]) for r in ROWS}) == len(ROWS)
+    toks = [tokens(r["question"]) for r in ROWS]
+    close = [
+        (ROWS[i]["id"], ROWS[j]["id"])
+        for (i, a), (j, b) in itertools.combinations(enumerate(toks), 2)
+        if len(a & b) / len(a | b) > 0.8
+    ]
+    assert close == []
+
+
+def test_answers_differ_and_lengths_are_in_bounds():
+    for r in ROWS:
+        assert dedup_key(r["chosen"]) != dedup_key(r["rejected"]), r["id"]
+        assert 40 <= words(r["chosen"]) <= 150, r["id"]
+        assert 15 <= words(r["rejected"]) <= 150, r["id"]
+        assert words(r["question"]) >= 4, r["id"]
+
+
+def test_topic_flaw_and_safety_balance():
+    topics, flaws = Counter(r["topic"] for r in ROWS), Counter(r["flaw"] for r in ROWS)
+    assert len(topics) >= 14 and max(topics.values()) <= 0.15 * len(ROWS)
+    assert set(flaws) == FLAWS and min(flaws.values()) >= 0.05 * len(ROWS)
+    assert sum(r["safety"] for r in ROWS) >= 0.10 * len(ROWS)
+
+
+def test_safety_answers_refer_to_a_professional():
+    who = re.compile(
+        r"doctor|physio|GP\b|dietitian|midwife|emergency|911|999|112|medical|clinician|specialist|"
+        r"obstetric|cardiolog|pharmacist|professional|nurse|surgeon|care team|psycholog|therapist|"
+        r"endocrinolog|urgent|A&E|hospital|diabetes team|consultant|paediatric|sleep clinic",
+        re.I,
+    )
+    missing = [r["id"] for r in ROWS if r["safety"] and not who.search(r["chosen"])]
+    assert missing == []
+
+
+def test_card_numbers_match_the_file():
+    text = CARD.read_text(encoding="utf-8")
+    assert render(text, ROWS) == text, "DATA_CARD.md is stale: run python -m qatune.datacard"
+    assert f"**{len(ROWS)} records**" in text
+
+
+def test_demo_questions_are_not_in_the_dataset():
+    path = resources.files("qatune") / "data" / "demo_questions.txt"
+    demos = [q for q in path.read_text(encoding="utf-8").splitlines() if q.strip() and not q.startswith("#")]
+    assert len(demos) >= 8
+    known = {dedup_key(r["question"]) for r in ROWS}
+    assert not [q for q in demos if dedup_key(q) in known]
+
+
+@pytest.fixture(scope="module")
+def smollm2_counter():
+    from transformers import AutoTokenizer
+
+    from qatune.models import bundled_gguf
+
+    folder, name = bundled_gguf("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+    def count(messages, generation_prompt):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def test_clean_reads_it_with_zero_rejects_under_the_default_limits(smollm2_counter):
+    from qatune.params import load_params
+
+    c = load_params(Path(__file__).resolve().parents[2] / "params.yaml").clean
+    envs = [{"source": "fitness", "file": "bundled", "line": i, "record": r} for i, r in enumerate(ROWS, 1)]
+    result = clean_rows(
+        envs, {"fitness": "preference"}, smollm2_counter, c.max_prompt_length, c.max_length, c.max_field_chars
+    )
+    assert result.rejects == []
+    assert len(result.kept) == len(ROWS)
+    assert {r["meta"]["safety"] for r in result.kept} == {True, False}
