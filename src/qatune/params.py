@@ -81,6 +81,63 @@ class SplitParams(Strict):
     stratify: Literal["topic"] | None = Field("topic", description="keep topic proportions in every split")
 
 
+class LoraParams(Strict):
+    r: int = Field(ge=1, description="LoRA rank")
+    alpha: float = Field(gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(min_length=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+
+
+class TrainParams(Strict):
+    backend: Literal["auto", "transformers", "unsloth"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    activation_checkpointing: bool = False
+    trust_remote_code: bool = False
+    system_prompt: str | None = None
+    lora: LoraParams
+    report_to: list[Literal["wandb", "tensorboard", "dvclive"]] = Field(default_factory=list)
+    num_processes: int = Field(1, ge=1, description="processes on this machine (torchrun / DDP)")
+
+
+class OptimParams(Strict):
+    learning_rate: float = Field(gt=0)
+    epochs: float = Field(gt=0)
+    max_steps: int = Field(-1, description="optimizer steps; -1 = run `epochs`")
+    batch_size: int = Field(ge=1, description="sequences per device per forward pass")
+    grad_accum: int = Field(ge=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0, description="overrides warmup_ratio when > 0")
+    scheduler: str = "linear"
+    weight_decay: float = Field(0.0, ge=0)
+    optim: str = "adamw_torch"
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(ge=16, description="tokens per sequence")
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(ge=1)
+    save_steps: int = Field(ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    load_best_model_at_end: bool = True
+    early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = off")
+
+
+class SFTParams(OptimParams):
+    packing: bool = False
+    padding_free: bool = False
+    group_by_length: bool = True
+
+
+class DPOParams(OptimParams):
+    enabled: bool = True
+    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    precompute_ref_log_probs: bool = True
+    on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
+    on_policy_max_new_tokens: int = Field(128, ge=1)
+
+
 class Params(Strict):
     seed: int = Field(ge=0, description="one seed for sampling, splitting and training")
     data_samples: int = Field(0, ge=0, description="cap on fetched rows for quick runs; 0 = no cap")
@@ -89,6 +146,9 @@ class Params(Strict):
     fetch: FetchParams
     clean: CleanParams
     split: SplitParams
+    train: TrainParams
+    sft: SFTParams
+    dpo: DPOParams
 
 
 def _format_error(err: ValidationError, path: str) -> str:
