@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from qatune import trainer_setup as ts
-from qatune.errors import fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.train import (
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size * 2,
+        per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         warmup_steps=warmup(cfg),
         lr_scheduler_type=cfg.scheduler,
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         callbacks=callbacks,
     )
 
+    if len(trainer.train_dataset) == 0:
+        raise QatuneError(f"{data / 'train.jsonl'}: no training rows left after tokenising (every answer was cut off "
+                          f"by sft.max_length={cfg.max_length}); raise sft.max_length")
     real_tokens = ts.count_real_tokens(trainer.train_dataset)
     test_before = trainer.evaluate(sets["test"], metric_key_prefix="test")["test_loss"]
     start = time.perf_counter()

@@ -41,9 +41,39 @@ def tiny_params(model_dir: Path, data_file: Path, **overrides) -> dict:
     params["fetch"]["sources"] = [
         {"name": "fixture", "type": "local", "path": str(data_file), "format": "auto"}
     ]
+    # Seconds, not minutes: a handful of steps with frequent evaluation and checkpoints.
+    small = {
+        "max_steps": 4,
+        "batch_size": 2,
+        "grad_accum": 1,
+        "max_length": 128,
+        "logging_steps": 1,
+        "eval_steps": 2,
+        "save_steps": 2,
+        "optim": "adamw_torch",
+    }
+    params["sft"].update(small, learning_rate=1.0e-2)
+    params["dpo"].update(small, learning_rate=1.0e-2)
+    params["train"]["lora"]["r"] = 4
+    params["train"]["precision"] = "fp32"
+    params["train"]["system_prompt"] = "Be safe."
     for key, value in overrides.items():
-        params[key] = value
+        if isinstance(value, dict) and isinstance(params.get(key), dict):
+            params[key] = deep_merge(params[key], value)
+        else:
+            params[key] = value
     return params
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = (
+            deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
 
 
 @pytest.fixture

@@ -122,6 +122,7 @@ class OptimParams(Strict):
     save_total_limit: int = Field(2, ge=1)
     load_best_model_at_end: bool = True
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = off")
+    eval_rows: int = Field(0, ge=0, description="rows of val (and test) evaluated during training; 0 = all")
 
 
 class SFTParams(OptimParams):

@@ -1,0 +1,142 @@
+"""sft -> dpo on a tiny random model in a scratch project, on CPU: weights change, outputs are valid."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run
+
+TABLE = [
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+    "epoch",
+]
+
+
+def stage(proj, name, check=True):
+    return run([sys.executable, f"stages/{name}.py", "--params", "params.yaml"], proj, check=check)
+
+
+def data_stages(proj):
+    for name in ("fetch", "clean", "split"):
+        stage(proj, name)
+
+
+def lora_b_norm(folder):
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    return sum(float(t.norm()) for k, t in weights.items() if "lora_B" in k)
+
+
+def test_sft_then_dpo(project):
+    proj = project()
+    data_stages(proj)
+    stage(proj, "sft")
+    sft = json.loads((proj / "metrics/sft.json").read_text())
+    assert sft["steps"] == 4 and sft["loss_mode"] == "assistant_only" and sft["backend"] == "transformers"
+    assert sft["eval_perplexity"] == pytest.approx(math.exp(sft["eval_loss"]), rel=1e-3)
+    assert sft["tokens_per_s"] > 0 and sft["peak_rss_gb"] > 0
+    assert lora_b_norm(proj / "models/sft") > 0  # LoRA B starts at zero: training moved it
+    prov = json.loads((proj / "models/sft/qatune_provenance.json").read_text())
+    assert prov["params"]["sft"]["max_steps"] == 4 and len(prov["data_sha256"]) == 64
+    loss_curve = json.loads((proj / "metrics/sft/loss.json").read_text())
+    assert [p["step"] for p in loss_curve if "loss" in p] == [1, 2, 3, 4]
+    assert "eval_loss" in (proj / "metrics/sft/history.csv").read_text().splitlines()[0]
+
+    stage(proj, "dpo")
+    dpo = json.loads((proj / "metrics/dpo.json").read_text())
+    # The reference is the SFT model: at step 0 policy == reference.
+    assert dpo["eval_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert dpo["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert set(TABLE) <= set(dpo["train"]) and all(dpo["train"][k] is not None for k in TABLE)
+    assert dpo["beta"] == 0.1 and dpo["steps"] == 4
+    sft_w = load_file(str(proj / "models/sft/adapter_model.safetensors"))
+    dpo_w = load_file(str(proj / "models/dpo/adapter_model.safetensors"))
+    assert set(sft_w) == set(dpo_w) and any(not torch.equal(sft_w[k], dpo_w[k]) for k in sft_w)
+
+    # The final adapter loads on the original base model.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(proj / "models/base")
+    tuned = PeftModel.from_pretrained(base, proj / "models/dpo")
+    assert tuned.active_adapter == "default"
+
+
+def test_dpo_disabled_passes_the_sft_adapter_through(project):
+    proj = project(dpo={"enabled": False})
+    data_stages(proj)
+    stage(proj, "sft")
+    stage(proj, "dpo")
+    assert json.loads((proj / "metrics/dpo.json").read_text()) == {"enabled": False, "adapter": "sft"}
+    assert (proj / "models/dpo/adapter_model.safetensors").read_bytes() == (
+        proj / "models/sft/adapter_model.safetensors"
+    ).read_bytes()
+
+
+def test_on_policy_pairs_for_plain_qa_data(project, tmp_path):
+    rows = [
+        {"question": f"Question number {i} about squats?", "answer": f"Answer {i}: keep your back neutral."}
+        for i in range(30)
+    ]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proj = project(tmp_path / "qa.jsonl", dpo={"on_policy_pairs": True, "on_policy_max_new_tokens": 8})
+    data_stages(proj)
+    stage(proj, "sft")
+    stage(proj, "dpo")
+    assert json.loads((proj / "metrics/dpo.json").read_text())["pairs"] == 24
+    (proj / "params.yaml").write_text(
+        (proj / "params.yaml").read_text().replace("on_policy_pairs: true", "on_policy_pairs: false")
+    )
+    proc = stage(proj, "dpo", check=False)
+    assert proc.returncode == 1 and "no rows with a rejected answer" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_killed_sft_resumes_from_its_last_checkpoint(project):
+    proj = project(sft={"max_steps": 12, "save_steps": 2, "eval_steps": 2})
+    data_stages(proj)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(
+        [sys.executable, "stages/sft.py"],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ckpt = proj / "models/sft-checkpoints/checkpoint-4/trainer_state.json"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint before the deadline"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (proj / "metrics/sft.json").exists()
+    stage(proj, "sft")
+    metrics = json.loads((proj / "metrics/sft.json").read_text())
+    assert metrics["resumed"] is True and metrics["steps"] == 12
+
+
+def test_two_processes_on_cpu(project):
+    proj = project(train={"num_processes": 2})
+    data_stages(proj)
+    proc = stage(proj, "sft")
+    assert "launching 2 processes" in proc.stdout
+    metrics = json.loads((proj / "metrics/sft.json").read_text())
+    assert metrics["steps"] == 4 and lora_b_norm(proj / "models/sft") > 0

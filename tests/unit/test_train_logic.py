@@ -1,0 +1,134 @@
+"""Backend, precision and quantisation selection (pure), and the training chat template."""
+
+import pytest
+
+from qatune.errors import QatuneError
+from qatune.train import (
+    CHATML_WITH_GENERATION,
+    chat_template_for_training,
+    check_quantization,
+    python_command,
+    select_backend,
+    select_precision,
+    sft_example,
+)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "unsloth", "expected"),
+    [
+        ("auto", False, False, "transformers"),
+        ("auto", False, True, "transformers"),  # unsloth cannot run without a GPU even when installed
+        ("auto", True, False, "transformers"),
+        ("auto", True, True, "unsloth"),
+        ("transformers", True, True, "transformers"),
+        ("unsloth", True, True, "unsloth"),
+    ],
+)
+def test_select_backend(requested, cuda, unsloth, expected):
+    assert select_backend(requested, cuda, unsloth) == expected
+
+
+def test_unsloth_without_gpu_or_package_is_refused():
+    with pytest.raises(QatuneError, match="needs a CUDA GPU"):
+        select_backend("unsloth", False, True)
+    with pytest.raises(QatuneError, match="not installed"):
+        select_backend("unsloth", True, False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "cuda_bf16", "cpu_bf16", "expected"),
+    [
+        ("auto", False, False, False, "fp32"),
+        ("auto", False, False, True, "bf16"),
+        ("auto", True, True, False, "bf16"),
+        ("auto", True, False, False, "fp16"),  # T4 (seed 004): no bf16
+        ("fp32", True, True, True, "fp32"),
+        ("bf16", False, False, False, "bf16"),  # allowed on CPU, just slower without AVX512-BF16
+    ],
+)
+def test_select_precision(requested, cuda, cuda_bf16, cpu_bf16, expected):
+    assert select_precision(requested, cuda, cuda_bf16, cpu_bf16) == expected
+
+
+def test_bad_precision_requests():
+    with pytest.raises(QatuneError, match="fp16 mixed precision needs a CUDA GPU"):
+        select_precision("fp16", False, False, True)
+    with pytest.raises(QatuneError, match="no bf16"):
+        select_precision("bf16", True, False, False)
+
+
+def test_4bit_on_cpu_is_refused_with_a_clear_message():
+    with pytest.raises(QatuneError, match="4-bit .* needs a CUDA GPU"):
+        check_quantization(True, False)
+    check_quantization(True, True)
+    check_quantization(False, False)
+
+
+def test_training_template_choice():
+    assert chat_template_for_training("{{ '<|im_start|>' }}") == (CHATML_WITH_GENERATION, "assistant_only")
+    marked = "{% generation %}x{% endgeneration %}"
+    assert chat_template_for_training(marked) == (marked, "assistant_only")
+    assert chat_template_for_training("<start_of_turn>{{ m }}")[1] == "completion_only"
+
+
+def test_examples_carry_the_system_prompt():
+    row = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "A."}
+    ex = sft_example(row, "Be safe.", "assistant_only")
+    assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
+    ex = sft_example(row, None, "completion_only")
+    assert ex == {
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "completion": [{"role": "assistant", "content": "A."}],
+    }
+
+
+def test_multi_process_command_uses_torchrun():
+    assert python_command("stages/sft.py", 1, ["--x"])[1:] == ["stages/sft.py", "--x"]
+    cmd = python_command("stages/sft.py", 2, [])
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in cmd
+
+
+def test_label_mask_prompt_is_ignored_answer_is_learned(tiny_model_dir):
+    """Through TRL's own collator: every prompt token is -100, every answer token (and <|im_end|>) is not."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template, mode = chat_template_for_training(tok.chat_template)
+    row = {"prompt": [{"role": "user", "content": "How much protein?"}], "chosen": "Eat 1.6 g per kg."}
+    ds = Dataset.from_list([sft_example(row, "Be safe.", mode)])
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=tok,
+        train_dataset=ds,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        args=SFTConfig(
+            output_dir="/tmp/qatune-mask",
+            assistant_only_loss=True,
+            use_cpu=True,
+            report_to="none",
+            per_device_train_batch_size=1,
+            max_length=128,
+        ),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    prompt_len = len(
+        tok(
+            tok.apply_chat_template(
+                [{"role": "system", "content": "Be safe."}, *row["prompt"]],
+                tokenize=False,
+                add_generation_prompt=True,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
+    answer = tok(row["chosen"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert all(label == -100 for label in labels[:prompt_len])
+    assert (
+        labels[prompt_len : prompt_len + len(answer)] == answer == ids[prompt_len : prompt_len + len(answer)]
+    )
+    assert all(label == -100 for label in labels[prompt_len + len(answer) :])  # the trailing newline
