@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     rows = {s: read_jsonl(ts.require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
     rows["val"] = rows["val"][: cfg.eval_rows or None]  # the splits are already shuffled
+    rows["val"] = rows["val"][: cfg.eval_rows or None]  # the splits are already shuffled
     if cfg.on_policy_pairs:
         rows = {
             s: on_policy_rejected(

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer.chat_template = template
     data = Path(args.data)
     rows = {s: read_jsonl(ts.require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val", "test")}
+    # Scoring costs a forward pass per row over a 49k vocabulary: cap val/test here (the splits are shuffled);
+    # the evaluate stage scores the whole test split.
+    for s in ("val", "test"):
+        rows[s] = rows[s][: cfg.eval_rows or None]
     sets = {
         s: Dataset.from_list([sft_example(r, train.system_prompt, loss_mode) for r in rs])
         for s, rs in rows.items()
@@ -119,8 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     if len(trainer.train_dataset) == 0:
-        raise QatuneError(f"{data / 'train.jsonl'}: no training rows left after tokenising (every answer was cut off "
-                          f"by sft.max_length={cfg.max_length}); raise sft.max_length")
+        raise QatuneError(
+            f"{data / 'train.jsonl'}: no training rows left after tokenising (every answer was cut off "
+            f"by sft.max_length={cfg.max_length}); raise sft.max_length"
+        )
     real_tokens = ts.count_real_tokens(trainer.train_dataset)
     test_before = trainer.evaluate(sets["test"], metric_key_prefix="test")["test_loss"]
     start = time.perf_counter()

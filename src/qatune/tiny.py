@@ -15,7 +15,14 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Gemma's turn format (no system role): exercises the prompt/completion loss path.
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
 CORPUS = (
     "How much protein do I need to build muscle? Aim for 1.6 to 2.2 grams per kilogram of body weight per day. "
     "Squat, bench press and deadlift three times a week with progressive overload. Sleep seven to nine hours. "
@@ -25,7 +32,7 @@ CORPUS = (
 )
 
 
-def build_tokenizer(vocab_size: int = 400):
+def build_tokenizer(vocab_size: int = 400, family: str = "llama"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,9 +55,8 @@ def build_model(tokenizer, family: str = "llama", seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    kinds = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
     config = AutoConfig.for_model(
-        kinds[family],
+        FAMILIES[family],
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -72,7 +78,7 @@ def build_model(tokenizer, family: str = "llama", seed: int = 0):
 
 def save_tiny(out: str | Path, family: str = "llama", seed: int = 0) -> Path:
     out = Path(out)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(family=family)
     model = build_model(tokenizer, family, seed)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

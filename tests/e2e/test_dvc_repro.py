@@ -26,3 +26,18 @@ def test_dvc_repro_split_dag_and_rerun(project):
     out = dvc(proj, "exp", "run", "-S", "split.test=0.2", "split").stdout
     assert "Running stage 'split'" in out and "Running stage 'fetch'" not in out
     assert json.loads((proj / "metrics/split.json").read_text())["rows"]["test"] == 6
+
+
+def test_full_repro_then_beta_experiment_reruns_only_dpo(project):
+    proj = project()
+    out = dvc(proj, "repro").stdout
+    for name in ("fetch", "clean", "split", "sft", "dpo"):
+        assert f"Running stage '{name}'" in out
+    assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.1
+
+    out = dvc(proj, "exp", "run", "-S", "beta=0.2").stdout  # the literal command users run
+    assert "Running stage 'dpo'" in out
+    assert all(f"Running stage '{s}'" not in out for s in ("fetch", "clean", "split", "sft"))
+    assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.2
+    diff = json.loads(dvc(proj, "params", "diff", "--json").stdout)
+    assert diff["params.yaml"]["beta"] == {"old": 0.1, "new": 0.2}
