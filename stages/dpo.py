@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -142,6 +143,11 @@ def main(argv: list[str] | None = None) -> None:
             for s, rs in rows.items()
         }
     pairs = {s: [r for r in rs if r.get("rejected")] for s, rs in rows.items()}
+    if (
+        cfg.max_steps > 0
+    ):  # only the pairs the run will see: reference log-probs are precomputed for all of them
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        pairs["train"] = pairs["train"][: cfg.max_steps * cfg.batch_size * cfg.grad_accum * world]
     if not pairs["train"]:
         raise QatuneError(
             f"{data / 'train.jsonl'}: no rows with a rejected answer; set dpo.on_policy_pairs: true "
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         max_length=cfg.max_length,
         truncation_mode="keep_start",
     )
-    callbacks = [ts.dvclive_callback(f"{args.plots}/dvclive")] if "dvclive" in train.report_to else []
+    callbacks = []
     trainer = DPOTrainer(
         model=model,
         ref_model=None,

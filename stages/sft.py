@@ -110,8 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         peft_config = ts.lora_config(train)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
-    if "dvclive" in train.report_to:
-        callbacks.append(ts.dvclive_callback(f"{args.plots}/dvclive"))
     trainer = SFTTrainer(
         model=model,
         args=config,

@@ -99,7 +99,7 @@ class TrainParams(Strict):
     trust_remote_code: bool = False
     system_prompt: str | None = None
     lora: LoraParams
-    report_to: list[Literal["wandb", "tensorboard", "dvclive"]] = Field(default_factory=list)
+    report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
     num_processes: int = Field(1, ge=1, description="processes on this machine (torchrun / DDP)")
 
 

@@ -43,6 +43,16 @@ def build_tokenizer(vocab_size: int = 400, family: str = "llama"):
         vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
+    if family == "gemma":
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<bos>",
+            eos_token="<end_of_turn>",
+            pad_token="<|endoftext|>",
+            unk_token=None,
+        )
+        fast.chat_template = GEMMA
+        return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token=None
     )

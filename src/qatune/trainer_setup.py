@@ -151,14 +151,6 @@ def relaunch_distributed(num_processes: int) -> None:
     raise SystemExit(subprocess.call(cmd, env=env))
 
 
-def dvclive_callback(folder: str):
-    """DVCLive metrics under metrics/, without letting DVCLive touch dvc.yaml."""
-    from dvclive import Live
-    from dvclive.huggingface import DVCLiveCallback
-
-    return DVCLiveCallback(live=Live(dir=folder, dvcyaml=None, save_dvc_exp=False, report=None))
-
-
 def write_provenance(out: Path, payload: dict[str, Any]) -> None:
     (out / "qatune_provenance.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 

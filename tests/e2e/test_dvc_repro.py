@@ -40,4 +40,4 @@ def test_full_repro_then_beta_experiment_reruns_only_dpo(project):
     assert all(f"Running stage '{s}'" not in out for s in ("fetch", "clean", "split", "sft"))
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.2
     diff = json.loads(dvc(proj, "params", "diff", "--json").stdout)
-    assert diff["params.yaml"]["beta"] == {"old": 0.1, "new": 0.2}
+    assert (diff["params.yaml"]["beta"]["old"], diff["params.yaml"]["beta"]["new"]) == (0.1, 0.2)

@@ -100,7 +100,8 @@ def test_on_policy_pairs_for_plain_qa_data(project, tmp_path):
     data_stages(proj)
     stage(proj, "sft")
     stage(proj, "dpo")
-    assert json.loads((proj / "metrics/dpo.json").read_text())["pairs"] == 24
+    # 24 training rows, none with a rejected answer; max_steps 4 x batch 2 needs 8 generated pairs.
+    assert json.loads((proj / "metrics/dpo.json").read_text())["pairs"] == 8
     (proj / "params.yaml").write_text(
         (proj / "params.yaml").read_text().replace("on_policy_pairs: true", "on_policy_pairs: false")
     )
@@ -140,3 +141,23 @@ def test_two_processes_on_cpu(project):
     assert "launching 2 processes" in proc.stdout
     metrics = json.loads((proj / "metrics/sft.json").read_text())
     assert metrics["steps"] == 4 and lora_b_norm(proj / "models/sft") > 0
+
+
+def test_logging_integrations_offline_and_no_secret_reaches_a_file(project, monkeypatch):
+    """wandb offline (a real run directory) and TensorBoard events; dvc.yaml untouched; no secret in any file."""
+    secret = "hf_qatuneTESTsecret0123456789"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    proj = project(train={"report_to": ["wandb", "tensorboard"]})
+    dvc_yaml = (proj / "dvc.yaml").read_text()
+    data_stages(proj)
+    proc = stage(proj, "sft")
+    assert (proj / "dvc.yaml").read_text() == dvc_yaml
+    assert list((proj / "wandb").glob("offline-run-*")), "no offline wandb run"
+    assert list((proj / "models/sft-checkpoints").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    assert json.loads((proj / "metrics/sft/loss.json").read_text())  # qatune's own DVC plot files
+    assert secret not in proc.stdout + proc.stderr
+    for path in proj.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
