@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qatune.profiles import deep_merge
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -65,17 +67,6 @@ def tiny_params(model_dir: Path, data_file: Path, **overrides) -> dict:
     return params
 
 
-def deep_merge(base: dict, overlay: dict) -> dict:
-    out = dict(base)
-    for key, value in overlay.items():
-        out[key] = (
-            deep_merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
 @pytest.fixture
 def project(tmp_path: Path, tiny_model_dir: Path):
     """A scratch copy of the pipeline (dvc.yaml, stages, package source) in its own git + DVC repo."""
@@ -90,6 +81,8 @@ def project(tmp_path: Path, tiny_model_dir: Path):
         data = data_file or FIXTURES / "mixed_small.jsonl"
         (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir, data, **overrides)))
         run(["git", "init", "-q"], proj)
+        run(["git", "config", "user.email", "tests@qatune.invalid"], proj)  # dvc exp run commits refs
+        run(["git", "config", "user.name", "qatune tests"], proj)
         run([sys.executable, "-m", "dvc", "init", "-q"], proj)
         run(["git", "add", "-A"], proj)
         run(["git", "-c", "user.email=t@qatune.invalid", "-c", "user.name=t", "commit", "-qm", "init"], proj)
