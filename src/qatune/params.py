@@ -139,6 +139,17 @@ class DPOParams(OptimParams):
     on_policy_max_new_tokens: int = Field(128, ge=1)
 
 
+class MergeParams(Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the saved merged model"
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, description="max |logit difference|, merged (float32) vs adapter model"
+    )
+    low_precision_tolerance: float = Field(0.5, gt=0, description="the same bound for a bf16/fp16 saved copy")
+    check_prompts: int = Field(4, ge=1, description="demo questions used for the check")
+
+
 class Params(Strict):
     seed: int = Field(ge=0, description="one seed for sampling, splitting and training")
     data_samples: int = Field(0, ge=0, description="cap on fetched rows for quick runs; 0 = no cap")
@@ -150,6 +161,7 @@ class Params(Strict):
     train: TrainParams
     sft: SFTParams
     dpo: DPOParams
+    merge: MergeParams
 
 
 def _format_error(err: ValidationError, path: str) -> str:

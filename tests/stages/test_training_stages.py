@@ -161,3 +161,32 @@ def test_logging_integrations_offline_and_no_secret_reaches_a_file(project, monk
     for path in proj.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_matches_the_adapter_model(project, dtype):
+    proj = project(merge={"dtype": dtype})
+    data_stages(proj)
+    stage(proj, "sft")
+    stage(proj, "dpo")
+    stage(proj, "merge")
+    metrics = json.loads((proj / "metrics/merge.json").read_text())
+    assert metrics["max_abs_logit_diff_in_memory"] <= 1e-3 and metrics["tokens"] > 0
+    assert metrics["max_abs_logit_diff_saved"] <= (1e-3 if dtype == "float32" else 0.5)
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    merged = AutoModelForCausalLM.from_pretrained(proj / "models/merged")
+    assert str(merged.dtype) == f"torch.{dtype}"
+    assert not list((proj / "models/merged").glob("adapter_*"))
+    gen = GenerationConfig.from_pretrained(proj / "models/merged")
+    assert gen.eos_token_id is not None
+    assert (proj / "models/merged/chat_template.jinja").is_file()
+
+
+def test_merge_refuses_a_diverging_result(project):
+    proj = project(merge={"tolerance": 1e-12})
+    data_stages(proj)
+    stage(proj, "sft")
+    stage(proj, "dpo")
+    proc = stage(proj, "merge", check=False)
+    assert proc.returncode == 1 and "merge.tolerance" in proc.stderr.strip().splitlines()[-1]

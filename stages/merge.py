@@ -1,0 +1,138 @@
+"""merge: fold the final LoRA adapter into the base model and prove the result answers the same.
+
+    python stages/merge.py --params params.yaml --model models/base --adapter models/dpo \
+        --out models/merged --metrics metrics/merge.json
+
+Reads `train.system_prompt`, `train.trust_remote_code` and `merge`. Writes a plain safetensors model in
+`merge.dtype` with tokenizer, chat template and generation config (eos set), plus qatune_provenance.json.
+Verified: logits of the merged model (in memory, and reloaded from disk in the saved dtype) against the
+adapter model on sample prompts; the largest difference is recorded, and over tolerance is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+from qatune.errors import QatuneError, fail_cleanly
+from qatune.io import write_json
+from qatune.params import load_params
+from qatune.train import git_commit
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def sample_prompts(tokenizer, system_prompt: str | None, n: int) -> list[str]:
+    text = (resources.files("qatune") / "data" / "demo_questions.txt").read_text(encoding="utf-8")
+    questions = [q for q in text.splitlines() if q.strip() and not q.startswith("#")][:n]
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [
+        tokenizer.apply_chat_template(
+            [*system, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+
+
+def logits(model, tokenizer, prompts: list[str]):
+    import torch
+
+    tokenizer.padding_side = "right"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model(**enc).logits.float()
+    return out[enc["attention_mask"].bool()]  # real tokens only
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file to read")
+    parser.add_argument("--model", default="models/base", help="base model folder from fetch")
+    parser.add_argument("--adapter", default="models/dpo", help="final LoRA adapter")
+    parser.add_argument("--out", default="models/merged", help="merged model output folder")
+    parser.add_argument("--metrics", default="metrics/merge.json", help="verification numbers")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    cfg = params.merge
+    for path, what in ((args.model, "base model"), (args.adapter, "adapter")):
+        if not Path(path).exists():
+            raise QatuneError(f"{path}: missing {what}; run the earlier stages first (dvc repro)")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    remote = params.train.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(args.adapter, trust_remote_code=remote)
+    base = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.float32, use_safetensors=True, trust_remote_code=remote
+    )
+    model = PeftModel.from_pretrained(base, args.adapter).eval()
+    prompts = sample_prompts(tokenizer, params.train.system_prompt, cfg.check_prompts)
+    reference = logits(model, tokenizer, prompts)
+
+    merged = model.merge_and_unload().eval()
+    in_memory = float((logits(merged, tokenizer, prompts) - reference).abs().max())
+    if in_memory > cfg.tolerance:
+        raise QatuneError(
+            f"merge: merged logits differ from the adapter's by {in_memory:.2e} "
+            f"(merge.tolerance={cfg.tolerance})"
+        )
+
+    out = Path(args.out)
+    merged = merged.to(getattr(torch, DTYPES[cfg.dtype]))
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, use_safetensors=True, trust_remote_code=remote
+    ).eval()
+    on_disk = float((logits(reloaded, tokenizer, prompts) - reference).abs().max())
+    # A bf16/fp16 copy rounds every weight: its bound is the dtype's, not float32's.
+    disk_tolerance = cfg.tolerance if cfg.dtype == "float32" else cfg.low_precision_tolerance
+    if on_disk > disk_tolerance:
+        raise QatuneError(
+            f"merge: the saved {cfg.dtype} model's logits differ from the adapter's by {on_disk:.2e} "
+            f"(tolerance {disk_tolerance})"
+        )
+    metrics = {
+        "dtype": cfg.dtype,
+        "prompts": len(prompts),
+        "tokens": int(reference.shape[0]),
+        "max_abs_logit_diff_in_memory": in_memory,
+        "max_abs_logit_diff_saved": on_disk,
+        "tolerance": cfg.tolerance,
+        "saved_tolerance": disk_tolerance,
+        "size_mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6, 1),
+    }
+    write_json(args.metrics, metrics)
+    adapter_prov = Path(args.adapter) / "qatune_provenance.json"
+    (out / "qatune_provenance.json").write_text(
+        json.dumps(
+            {
+                "stage": "merge",
+                "params": params.model_dump(include={"merge"}),
+                "adapter": args.adapter,
+                "adapter_provenance": json.loads(adapter_prov.read_text())
+                if adapter_prov.is_file()
+                else None,
+                "git_commit": git_commit(),
+                "metrics": metrics,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    print(f"merge: {cfg.dtype}, max |logit diff| {in_memory:.2e} in memory, {on_disk:.2e} saved -> {out}")
+
+
+if __name__ == "__main__":
+    main()
