@@ -16,6 +16,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from qatune import trainer_setup as ts
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json
 from qatune.params import load_params
@@ -59,9 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     cfg = params.merge
-    for path, what in ((args.model, "base model"), (args.adapter, "adapter")):
-        if not Path(path).exists():
-            raise QatuneError(f"{path}: missing {what}; run the earlier stages first (dvc repro)")
+    ts.require(args.model, "base model")
+    ts.require(args.adapter, "adapter")
 
     import torch
     from peft import PeftModel
@@ -114,22 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.metrics, metrics)
     adapter_prov = Path(args.adapter) / "qatune_provenance.json"
-    (out / "qatune_provenance.json").write_text(
-        json.dumps(
-            {
-                "stage": "merge",
-                "params": params.model_dump(include={"merge"}),
-                "adapter": args.adapter,
-                "adapter_provenance": json.loads(adapter_prov.read_text())
-                if adapter_prov.is_file()
-                else None,
-                "git_commit": git_commit(),
-                "metrics": metrics,
-            },
-            indent=2,
-            default=str,
-        )
-        + "\n"
+    ts.write_provenance(
+        out,
+        {
+            "stage": "merge",
+            "params": params.model_dump(include={"merge"}),
+            "adapter": args.adapter,
+            "adapter_provenance": json.loads(adapter_prov.read_text()) if adapter_prov.is_file() else None,
+            "git_commit": git_commit(),
+            "metrics": metrics,
+        },
     )
     print(f"merge: {cfg.dtype}, max |logit diff| {in_memory:.2e} in memory, {on_disk:.2e} saved -> {out}")
 

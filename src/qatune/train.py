@@ -147,9 +147,11 @@ def warmup(cfg) -> float:
 
 
 def sha256_files(paths: list[str | Path]) -> str:
+    from qatune.io import sha256_file
+
     digest = hashlib.sha256()
     for path in sorted(str(p) for p in paths):
-        digest.update(Path(path).read_bytes())
+        digest.update(sha256_file(path).encode())  # chunked: adapters and data can be large
     return digest.hexdigest()
 
 

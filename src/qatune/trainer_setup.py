@@ -11,8 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from qatune.errors import QatuneError
+from qatune.models import PROVENANCE_FILE as PROVENANCE_BASE  # noqa: F401 (the stages read it from here)
 from qatune.params import TrainParams
-from qatune.train import check_quantization, hardware, select_backend, select_precision, unsloth_importable
+from qatune.train import (
+    check_quantization,
+    hardware,
+    python_command,
+    report_to,
+    select_backend,
+    select_precision,
+    unsloth_importable,
+)
 
 FINGERPRINT = "qatune_fingerprint.txt"
 
@@ -103,7 +112,7 @@ def common_args(train: TrainParams, hw: dict[str, Any], seed: int, output_dir: s
         "data_seed": seed,
         "bf16": hw["precision"] == "bf16",
         "fp16": hw["precision"] == "fp16",
-        "report_to": report_targets(train.report_to),
+        "report_to": report_to(train.report_to),
         "activation_checkpointing": train.activation_checkpointing,
         "save_only_model": False,
         "dataloader_num_workers": 0,
@@ -116,12 +125,6 @@ def common_args(train: TrainParams, hw: dict[str, Any], seed: int, output_dir: s
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.update(ddp_backend="nccl", ddp_find_unused_parameters=False)
     return args
-
-
-def report_targets(requested: list[str]) -> list[str]:
-    from qatune.train import report_to
-
-    return report_to(requested)
 
 
 def prepare_checkpoints(folder: Path, fingerprint: str) -> bool:
@@ -139,14 +142,7 @@ def relaunch_distributed(num_processes: int) -> None:
     if num_processes <= 1 or "LOCAL_RANK" in os.environ:
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={num_processes}",
-        *sys.argv,
-    ]
+    cmd = python_command(sys.argv[0], num_processes, sys.argv[1:])
     print(f"qatune: launching {num_processes} processes: {' '.join(cmd)}", flush=True)
     raise SystemExit(subprocess.call(cmd, env=env))
 
@@ -160,9 +156,6 @@ def require(path: str | Path, what: str) -> Path:
     if not path.exists():
         raise QatuneError(f"{path}: missing {what}; run the earlier stages first (dvc repro)")
     return path
-
-
-PROVENANCE_BASE = "qatune_base.json"
 
 
 def count_real_tokens(dataset) -> int:
