@@ -150,6 +150,57 @@ class MergeParams(Strict):
     check_prompts: int = Field(4, ge=1, description="demo questions used for the check")
 
 
+class EvalFileParams(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="section name in the report and metrics")
+    path: str = Field(description="jsonl/json/csv/parquet file with question + chosen (+ rejected) rows")
+    format: str = Field("auto", description="auto, or force one of qatune.formats.FORMATS")
+
+
+class EvaluateParams(Strict):
+    rows: int = Field(0, ge=0, description="test rows scored for NLL and preference accuracy; 0 = all")
+    generate_rows: int = Field(0, ge=0, description="test questions answered by base and final; 0 = all")
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass / generation batch")
+    max_new_tokens: int = Field(192, ge=1, description="greedy generation budget per answer")
+    repetition_penalty: float = Field(1.0, ge=1.0, description="1.0 = off")
+    semantic_model: Literal["bundled:all-minilm-l6-v2"] | None = Field(
+        "bundled:all-minilm-l6-v2", description="sentence embedding model for semantic similarity; null = skip"
+    )
+    sample_answers: int = Field(6, ge=0, description="answers shown side by side in report.md")
+    extra_files: list[EvalFileParams] = Field(default_factory=list)
+
+
+class GenerateParams(Strict):
+    """Sampling settings for `qatune ask` / `qatune chat` (seed 001) and the published generation config."""
+
+    temperature: float = Field(0.2, ge=0, description="0 = greedy")
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=1, description="upper bound; also capped by free memory")
+    repetition_penalty: float = Field(1.1, ge=1.0)
+    mode: Literal["merged", "adapter"] = Field("merged", description="serve models/merged or base + adapter")
+
+
+class ChatParams(Strict):
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only when you mean it")
+    port: int = Field(7860, ge=1, le=65535)
+    share: bool = Field(False, description="a public gradio.live link; off unless asked")
+    max_input_chars: int = Field(2000, ge=1, description="longer questions are refused with a message")
+    concurrency_limit: int = Field(1, ge=1, description="generations at once; others wait in the queue")
+    max_queue: int = Field(16, ge=1, description="queued requests before new ones are turned away")
+
+
+class HubParams(Strict):
+    push: bool = Field(False, description="false: dry run (stage files + receipt); true: upload with HF_TOKEN")
+    adapter_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+    merged_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+    private: bool = True
+    base_model_id: str | None = Field(
+        None, description="Hub id of the base written into cards/adapter config; null = from models/base"
+    )
+    license: str = "apache-2.0"
+    datasets: list[str] = Field(default_factory=list, description="Hub dataset ids for the card metadata")
+    tags: list[str] = Field(default_factory=lambda: ["qatune", "fitness", "nutrition", "lora", "dpo"])
+
+
 class Params(Strict):
     seed: int = Field(ge=0, description="one seed for sampling, splitting and training")
     data_samples: int = Field(0, ge=0, description="cap on fetched rows for quick runs; 0 = no cap")
@@ -162,6 +213,10 @@ class Params(Strict):
     sft: SFTParams
     dpo: DPOParams
     merge: MergeParams
+    evaluate: EvaluateParams
+    generate: GenerateParams
+    chat: ChatParams
+    hub: HubParams
 
 
 def _format_error(err: ValidationError, path: str) -> str:
