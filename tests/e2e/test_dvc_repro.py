@@ -28,16 +28,30 @@ def test_dvc_repro_split_dag_and_rerun(project):
     assert json.loads((proj / "metrics/split.json").read_text())["rows"]["test"] == 6
 
 
-def test_full_repro_then_beta_experiment_reruns_only_dpo(project):
+STAGES = ("fetch", "clean", "split", "sft", "dpo", "evaluate", "merge", "push-to-hub")
+
+
+def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
     proj = project()
     out = dvc(proj, "repro").stdout
-    for name in ("fetch", "clean", "split", "sft", "dpo"):
+    for name in STAGES:
         assert f"Running stage '{name}'" in out
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.1
+    assert json.loads((proj / "metrics/push.json").read_text())  # the dry-run receipt
+    dag = dvc(proj, "dag", "--dot").stdout
+    for edge in (
+        '"dpo" -> "evaluate"',
+        '"dpo" -> "merge"',
+        '"merge" -> "push-to-hub"',
+        '"evaluate" -> "push-to-hub"',
+    ):
+        assert edge in dag
 
     out = dvc(proj, "exp", "run", "-S", "beta=0.2").stdout  # the literal command users run
-    assert "Running stage 'dpo'" in out
+    for name in ("dpo", "evaluate", "merge", "push-to-hub"):
+        assert f"Running stage '{name}'" in out
     assert all(f"Running stage '{s}'" not in out for s in ("fetch", "clean", "split", "sft"))
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.2
+    assert json.loads((proj / "metrics/evaluate.json").read_text())["dpo_implicit_reward"]["beta"] == 0.2
     diff = json.loads(dvc(proj, "params", "diff", "--json").stdout)
     assert (diff["params.yaml"]["beta"]["old"], diff["params.yaml"]["beta"]["new"]) == (0.1, 0.2)

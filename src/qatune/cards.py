@@ -1,0 +1,343 @@
+"""Model cards (README.md) for the two released repos, built only from params and metrics files.
+
+Pure functions of their inputs, so a card can be checked in a unit test and a re-run with the same
+params and metrics writes the same bytes (the upload then skips it). The YAML header is rendered by
+huggingface_hub's ModelCardData, the same code the Hub's own tools use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qatune.params import Params
+
+# Rows of the evaluation table in this order first; any other numeric metric follows alphabetically.
+METRIC_ORDER = ["nll", "perplexity", "preference_accuracy", "rouge_l", "semantic_similarity", "safety_score"]
+LOWER_IS_BETTER = {"nll", "perplexity", "loss"}
+ROLES = ("adapter", "merged")
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """Everything a card says, gathered by the stage; metrics are None when their stage did not run."""
+
+    role: str  # "adapter" or "merged"
+    repo_id: str
+    sibling_repo: str
+    base_id: str
+    params: Params
+    sft: dict[str, Any] | None = None
+    dpo: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fmt(value: Any) -> str:
+    """4 significant digits: metrics from a few hundred test rows carry no more."""
+    if not is_number(value):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def metadata(inputs: CardInputs) -> str:
+    """The YAML front matter the Hub indexes: base model (and how this repo relates to it), library, tags."""
+    from huggingface_hub import ModelCardData
+
+    hub = inputs.params.hub
+    adapter = inputs.role == "adapter"
+    data = ModelCardData(
+        base_model=inputs.base_id,
+        base_model_relation="adapter" if adapter else "finetune",  # a merged LoRA is a fine-tune of the base
+        library_name="peft" if adapter else "transformers",
+        license=hub.license,
+        language=["en"],
+        datasets=list(hub.datasets) or None,
+        tags=list(dict.fromkeys([*hub.tags, "trl", "sft", "dpo", *(["lora"] if adapter else [])])),
+        pipeline_tag="text-generation",
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def intro(inputs: CardInputs) -> str:
+    name = inputs.repo_id.split("/")[-1]
+    base = f"[{inputs.base_id}](https://huggingface.co/{inputs.base_id})"
+    if inputs.role == "adapter":
+        what = f"A LoRA adapter for {base}"
+        other = f"The same weights merged into the base: [{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})."
+    else:
+        what = f"{base} with a LoRA adapter merged into its weights"
+        other = f"The adapter alone (a few MB): [{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})."
+    return (
+        f"# {name}\n\n{what}, fine-tuned by [qatune](#provenance) into a fitness and nutrition "
+        f"question-answering assistant: supervised fine-tuning (SFT) on chosen answers, then direct preference "
+        f"optimisation (DPO) on chosen/rejected pairs. {other}\n"
+    )
+
+
+def generate_kwargs(params: Params) -> str:
+    gen = params.generate
+    if gen.temperature > 0:
+        return (
+            f"max_new_tokens={gen.max_new_tokens}, do_sample=True, temperature={gen.temperature}, "
+            f"top_p={gen.top_p}, repetition_penalty={gen.repetition_penalty}"
+        )
+    return (
+        f"max_new_tokens={gen.max_new_tokens}, do_sample=False, repetition_penalty={gen.repetition_penalty}"
+    )
+
+
+def usage(inputs: CardInputs) -> str:
+    """Copy-paste snippets; they use the chat template and the system prompt the model was trained with."""
+    system = inputs.params.train.system_prompt
+    messages = "messages = [\n"
+    if system:
+        messages += f'    {{"role": "system", "content": {json.dumps(system)}}},\n'
+    messages += '    {"role": "user", "content": "How much protein do I need to build muscle?"},\n]\n'
+    chat = (
+        f"{messages}"
+        "inputs = tokenizer.apply_chat_template(\n"
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
+        ")\n"
+    )
+    decode = 'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
+    if inputs.role == "adapter":
+        load = (
+            "from peft import AutoPeftModelForCausalLM\n"
+            "from transformers import AutoTokenizer\n\n"
+            f'model = AutoPeftModelForCausalLM.from_pretrained("{inputs.repo_id}")  # downloads the base too\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{inputs.repo_id}")\n'
+        )
+        body = f"{load}{chat}output = model.generate(**inputs, {generate_kwargs(inputs.params)})\n{decode}"
+        alt = (
+            "Or attach it to a base model you already have (and merge it for faster inference):\n\n"
+            "```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+            f'base = AutoModelForCausalLM.from_pretrained("{inputs.base_id}")\n'
+            f'model = PeftModel.from_pretrained(base, "{inputs.repo_id}")\n'
+            "model = model.merge_and_unload()  # optional: a plain transformers model\n```\n"
+        )
+    else:
+        load = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{inputs.repo_id}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{inputs.repo_id}")\n'
+        )
+        body = f"{load}{chat}output = model.generate(**inputs)  # sampling defaults from generation_config.json\n{decode}"
+        alt = ""
+    private = (
+        "The repo is private: log in first (`hf auth login`) or pass `token=...`.\n\n"
+        if inputs.params.hub.private
+        else ""
+    )
+    return f"## How to use\n\n{private}```python\n{body}```\n\n{alt}"
+
+
+def generation_settings(params: Params) -> str:
+    gen = params.generate
+    rows = [
+        ("do_sample", str(gen.temperature > 0).lower()),
+        ("temperature", fmt(gen.temperature)),
+        ("top_p", fmt(gen.top_p)),
+        ("max_new_tokens", str(gen.max_new_tokens)),
+        ("repetition_penalty", fmt(gen.repetition_penalty)),
+    ]
+    table = "\n".join(f"| `{k}` | {v} |" for k, v in rows)
+    return (
+        "## Generation settings\n\n`generation_config.json` carries qatune's chat defaults (params `generate`); "
+        "`model.generate(...)` arguments override them.\n\n| setting | value |\n|---|---|\n"
+        f"{table}\n"
+    )
+
+
+def hyperparameters(params: Params) -> str:
+    """SFT and DPO side by side: the recipe that produced these weights."""
+    sft, dpo, lora = params.sft, params.dpo, params.train.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+
+    def steps(cfg) -> str:
+        return str(cfg.max_steps) if cfg.max_steps > 0 else f"{cfg.epochs:g} epochs"
+
+    def warmup(cfg) -> str:
+        return f"{cfg.warmup_steps} steps" if cfg.warmup_steps > 0 else f"{cfg.warmup_ratio:g} of steps"
+
+    rows = [
+        ("learning rate", fmt(sft.learning_rate), fmt(dpo.learning_rate)),
+        ("max steps", steps(sft), steps(dpo)),
+        (
+            "batch × grad accumulation",
+            f"{sft.batch_size} × {sft.grad_accum}",
+            f"{dpo.batch_size} × {dpo.grad_accum}",
+        ),
+        ("scheduler, warmup", f"{sft.scheduler}, {warmup(sft)}", f"{dpo.scheduler}, {warmup(dpo)}"),
+        (
+            "optimizer, weight decay",
+            f"{sft.optim}, {fmt(sft.weight_decay)}",
+            f"{dpo.optim}, {fmt(dpo.weight_decay)}",
+        ),
+        ("max length (tokens)", str(sft.max_length), str(dpo.max_length)),
+        ("DPO beta, loss", "–", f"{fmt(params.beta)}, {', '.join(dpo.loss_type)}"),
+    ]
+    table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
+    return (
+        f"LoRA r={lora.r}, alpha={fmt(lora.alpha)}, dropout={fmt(lora.dropout)} on {targets}; "
+        f"seed {params.seed}.\n\n| | SFT | DPO |\n|---|---|---|\n{table}\n"
+    )
+
+
+def training_results(sft: dict[str, Any] | None, dpo: dict[str, Any] | None, dpo_enabled: bool) -> str:
+    """What the training stages measured (metrics/sft.json, metrics/dpo.json)."""
+    lines = []
+    if sft:
+        lines.append(
+            f"- SFT: {fmt(sft.get('steps'))} steps, train loss {fmt(sft.get('train_loss'))}, "
+            f"validation loss {fmt(sft.get('eval_loss'))}; test loss {fmt(sft.get('test_loss_base'))} (base) "
+            f"→ {fmt(sft.get('test_loss'))} (SFT)."
+        )
+    else:
+        lines.append("- SFT: no metrics recorded.")
+    if not dpo_enabled or (dpo and dpo.get("enabled") is False):
+        lines.append("- DPO: skipped (`dpo.enabled: false`); the released adapter is the SFT adapter.")
+    elif dpo:
+        before, after = dpo.get("eval_before") or {}, dpo.get("eval") or {}
+        lines.append(
+            f"- DPO: {fmt(dpo.get('steps'))} steps on {fmt(dpo.get('pairs'))} pairs, train loss "
+            f"{fmt(dpo.get('train_loss'))}; validation loss {fmt(before.get('loss'))} → {fmt(after.get('loss'))}, "
+            f"reward accuracy {fmt(before.get('rewards/accuracies'))} → {fmt(after.get('rewards/accuracies'))}, "
+            f"reward margin {fmt(before.get('rewards/margins'))} → {fmt(after.get('rewards/margins'))}."
+        )
+    else:
+        lines.append("- DPO: no metrics recorded.")
+    return "\n".join(lines) + "\n"
+
+
+def training(inputs: CardInputs) -> str:
+    params = inputs.params
+    text = (
+        "## Training\n\nSFT trains a LoRA adapter on the chosen answers (loss on assistant tokens); DPO then "
+        "continues that adapter on preference pairs with the SFT model as the reference, so the adapter "
+        f"applies to the original base model.\n\n{hyperparameters(params)}\n"
+        f"{training_results(inputs.sft, inputs.dpo, params.dpo.enabled)}"
+    )
+    if inputs.role == "merged" and inputs.merge:
+        text += (
+            f"\nMerged with `merge_and_unload` and saved in {inputs.merge.get('dtype', '?')}; largest logit "
+            f"difference against base + adapter on {fmt(inputs.merge.get('prompts'))} prompts: "
+            f"{fmt(inputs.merge.get('max_abs_logit_diff_saved'))}.\n"
+        )
+    return text
+
+
+def metric_rows(models: dict[str, Any]) -> list[str]:
+    """Metrics that are numbers for both base and final, in METRIC_ORDER then alphabetical."""
+    base, final = models.get("base") or {}, models.get("final") or {}
+    names = [k for k in base if is_number(base.get(k)) and is_number(final.get(k))]
+    return sorted(names, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else len(METRIC_ORDER), k))
+
+
+def evaluation_table(evaluation: dict[str, Any] | None) -> str:
+    """Base vs (SFT vs) tuned from metrics/evaluate.json, read defensively: missing cells show '–'."""
+    models = (evaluation or {}).get("models")
+    if not isinstance(models, dict) or not metric_rows(models):
+        return "## Evaluation\n\nEvaluation was not run for this release (no metrics/evaluate.json).\n"
+    sft = models.get("sft") if isinstance(models.get("sft"), dict) and models.get("sft") else None
+    header = (
+        "| metric | base | SFT | tuned (SFT + DPO) | change |"
+        if sft
+        else "| metric | base | tuned | change |"
+    )
+    rule = "|---|---|---|---|---|" if sft else "|---|---|---|---|"
+    rows = []
+    for name in metric_rows(models):
+        base, final = models["base"][name], models["final"][name]
+        arrow = " (lower is better)" if name in LOWER_IS_BETTER else ""
+        cells = [f"{name}{arrow}", fmt(base), *([fmt(sft.get(name))] if sft else []), fmt(final)]
+        cells.append(f"{final - base:+.4g}")
+        rows.append("| " + " | ".join(cells) + " |")
+    rows_note = evaluation.get("test_rows")
+    where = f"on {rows_note} held-out test rows" if is_number(rows_note) else "on the held-out test split"
+    text = f"## Evaluation\n\nqatune's evaluate stage, {where} (never trained or tuned on).\n\n{header}\n{rule}\n"
+    text += "\n".join(rows) + "\n"
+    reward = evaluation.get("dpo_implicit_reward")
+    if isinstance(reward, dict) and any(is_number(v) for v in reward.values()):
+        parts = ", ".join(f"{k} {fmt(v)}" for k, v in reward.items() if is_number(v))
+        text += f"\nDPO implicit reward on the test pairs: {parts}.\n"
+    return text
+
+
+LIMITS = """## Limitations
+
+- **Not medical or dietary advice.** Answers can be wrong or unsafe for a given person; anyone with a health
+  condition, an injury, pregnancy or an eating disorder should ask a doctor or a registered dietitian.
+- **A small model.** A few hundred million parameters or fewer: it makes factual mistakes, forgets
+  context and can state wrong numbers confidently.
+- **English only**, like its training data.
+- **Data.** Trained on a small fitness and nutrition preference set; topics outside it fall back to the base
+  model's behaviour, and the data's own gaps and biases carry over.
+"""
+
+
+def compact_lock_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """cmd plus `path: md5` for each dep and out: the hashes that identify the run, without the noise."""
+    out: dict[str, Any] = {"cmd": entry.get("cmd")}
+    for key in ("deps", "outs"):
+        items = entry.get(key) or []
+        out[key] = {i.get("path"): i.get("md5") or i.get("hash") for i in items if isinstance(i, dict)}
+    return out
+
+
+def provenance(inputs: CardInputs) -> str:
+    """Where the weights came from: base, data hash, code version, and DVC's record of the stages."""
+    import yaml
+
+    prov = inputs.provenance
+    lines = [
+        f"- Base model: `{inputs.base_id}`"
+        + (f" at revision `{prov['base_revision']}`" if prov.get("base_revision") else ""),
+        f"- Training data sha256: `{prov.get('data_sha256') or 'not recorded'}`",
+        f"- Code (git commit) that trained the adapter: `{prov.get('trained_commit') or 'not recorded'}`",
+        f"- Code (git commit) that made this release: `{prov.get('release_commit') or 'not a git checkout'}`",
+    ]
+    text = "## Provenance\n\nBuilt by qatune's DVC pipeline (fetch → clean → split → sft → dpo → merge → push-to-hub).\n\n"
+    text += "\n".join(lines) + "\n"
+    lock = prov.get("dvc_lock") or {}
+    if lock:
+        compact = {name: compact_lock_entry(entry) for name, entry in lock.items()}
+        text += (
+            f"\n<details><summary>dvc.lock entries ({', '.join(lock)})</summary>\n\n```yaml\n"
+            f"{yaml.safe_dump(compact, sort_keys=False, width=100)}```\n\n</details>\n"
+        )
+    else:
+        text += "\nNo dvc.lock was present when this release was staged.\n"
+    return text
+
+
+def render_card(inputs: CardInputs) -> str:
+    """README.md for one repo."""
+    if inputs.role not in ROLES:
+        raise ValueError(f"card role must be one of {ROLES}, got {inputs.role!r}")
+    sections = [
+        metadata(inputs),
+        intro(inputs),
+        usage(inputs),
+        training(inputs),
+        evaluation_table(inputs.evaluation),
+    ]
+    if inputs.role == "merged":
+        sections.append(generation_settings(inputs.params))
+    sections += [LIMITS, provenance(inputs)]
+    return "\n".join(sections)

@@ -1,0 +1,67 @@
+"""The evaluate stage for real under `dvc repro`, on a tiny random model: every output and every model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.conftest import run, write_jsonl
+
+
+def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path):
+    extra = write_jsonl(
+        tmp_path / "faq.jsonl",
+        [
+            {"instruction": "How long should I rest between sets?", "output": "One to three minutes."},
+            {"instruction": "Is walking exercise?", "output": "Yes, brisk walking counts."},
+        ],
+    )
+    proj = project(evaluate={"extra_files": [{"name": "faq", "path": str(extra), "format": "auto"}]})
+    out = run([sys.executable, "-m", "dvc", "repro", "evaluate"], proj).stdout
+    assert "Running stage 'evaluate'" in out and "Running stage 'merge'" not in out
+
+    metrics = json.loads((proj / "metrics/evaluate.json").read_text())
+    test_rows = len((proj / "data/split/test.jsonl").read_text().splitlines())
+    assert metrics["test_rows"] == test_rows == metrics["generated_rows"]
+    for name in ("base", "sft", "final"):
+        m = metrics["models"][name]
+        assert m["rows"] == test_rows and m["nll"] > 0 and 0 <= m["preference_accuracy"] <= 1
+    for name in ("base", "final"):
+        m = metrics["models"][name]
+        for key in ("rouge_l", "semantic_similarity", "safety_score", "unfinished_rate", "answer_words_mean"):
+            assert key in m, (name, key)
+        assert -1 <= m["semantic_similarity"] <= 1  # the real MiniLM encoder ran
+    # The adapters really changed the scores (training at lr 1e-2 moves a random model a lot).
+    assert metrics["models"]["final"]["nll"] != metrics["models"]["base"]["nll"]
+    assert metrics["dpo_implicit_reward"]["pairs"] == test_rows
+    assert metrics["extra"]["faq"]["models"]["final"]["rows"] == 2
+    assert "pairs" not in metrics["extra"]["faq"]["models"]["final"]  # no rejected answers there
+
+    lines = [json.loads(x) for x in (proj / "metrics/evaluate/generations.jsonl").read_text().splitlines()]
+    sets = [r["set"] for r in lines]
+    assert sets.count("test") == test_rows and sets.count("faq") == 2 and sets.count("demo") == 10
+    assert all("base_answer" in r and "final_answer" in r for r in lines)
+
+    report = (proj / "metrics/report.md").read_text()
+    for section in (
+        "## Verdict",
+        "base vs SFT vs final",
+        "## DPO implicit reward",
+        "## Extra set: faq",
+        "## Sample answers",
+        "## Demo questions",
+    ):
+        assert section in report, section
+    for png in ("scores.png", "answer_lengths.png"):
+        assert (proj / "metrics/evaluate" / png).read_bytes()[:4] == b"\x89PNG"
+    scores = json.loads((proj / "metrics/evaluate/scores.json").read_text())
+    assert {"metric", "value"} <= set(scores[0])
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], proj).stdout
+    assert "preference_accuracy" in shown
+
+
+def test_a_missing_model_is_a_one_line_error(project):
+    proj = project()
+    proc = run([sys.executable, "stages/evaluate.py", "--model", "models/nowhere"], proj, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "models/nowhere" in proc.stderr

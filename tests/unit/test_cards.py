@@ -1,0 +1,124 @@
+"""Model cards and release helpers as pure functions: metadata, tables, defensive reading of metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qatune import hub
+from qatune.cards import CardInputs, evaluation_table, render_card
+from qatune.errors import QatuneError
+from qatune.params import GenerateParams, load_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(ROOT / "params.yaml")
+
+
+def card(params, role="adapter", **kw) -> str:
+    other = "me/merged" if role == "adapter" else "me/lora"
+    return render_card(
+        CardInputs(
+            role=role, repo_id=f"me/{role}", sibling_repo=other, base_id="org/base", params=params, **kw
+        )
+    )
+
+
+def front_matter(text: str) -> dict:
+    return yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+
+
+def test_metadata_per_role(params):
+    adapter, merged = front_matter(card(params)), front_matter(card(params, "merged"))
+    assert adapter["library_name"] == "peft" and adapter["base_model_relation"] == "adapter"
+    assert merged["library_name"] == "transformers" and merged["base_model_relation"] == "finetune"
+    for meta in (adapter, merged):
+        assert meta["base_model"] == "org/base" and meta["pipeline_tag"] == "text-generation"
+        assert meta["license"] == params.hub.license and set(params.hub.tags) <= set(meta["tags"])
+        assert "datasets" not in meta  # the bundled data has no Hub id
+
+
+def test_evaluation_table_reads_defensively():
+    evaluation = {
+        "models": {
+            "base": {"nll": 3.0, "rouge_l": 0.2, "only_base": 1.0, "note": "text", "flag": True},
+            "final": {"nll": 2.5, "rouge_l": 0.3, "extra_metric": 0.4, "flag": False},
+        },
+        "test_rows": 50,
+    }
+    table = evaluation_table(evaluation)
+    assert "| nll (lower is better) | 3 | 2.5 | -0.5 |" in table and "| rouge_l | 0.2 | 0.3 | +0.1 |" in table
+    assert "only_base" not in table and "extra_metric" not in table and "flag" not in table
+    assert "| SFT |" not in table.splitlines()[4]  # no sft block -> no SFT column
+    assert "50 held-out test rows" in table
+    with_sft = evaluation_table({"models": {**evaluation["models"], "sft": {"nll": 2.7}}})
+    assert (
+        "| nll (lower is better) | 3 | 2.7 | 2.5 | -0.5 |" in with_sft
+        and "| rouge_l | 0.2 | – | 0.3 |" in with_sft
+    )
+
+
+@pytest.mark.parametrize("evaluation", [None, {}, {"models": {"base": {"nll": 1.0}}}, {"models": "broken"}])
+def test_missing_evaluation_says_not_run(params, evaluation):
+    assert "Evaluation was not run" in card(params, evaluation=evaluation)
+
+
+def test_merged_card_has_generation_settings_and_loading_snippets(params):
+    adapter, merged = card(params), card(params, "merged")
+    assert "AutoPeftModelForCausalLM" in adapter and "PeftModel.from_pretrained" in adapter
+    assert 'AutoModelForCausalLM.from_pretrained("me/merged")' in merged and "Generation settings" in merged
+    assert json.dumps(params.train.system_prompt) in adapter  # the prompt it was trained with, escaped
+    assert "Not medical or dietary advice" in merged and "English only" in merged
+    assert "skipped" not in adapter
+
+
+def test_dpo_disabled_is_stated(params):
+    off = params.model_copy(update={"dpo": params.dpo.model_copy(update={"enabled": False})})
+    assert "DPO: skipped" in card(off, dpo={"enabled": False})
+
+
+def test_generation_config_sampling_and_greedy():
+    merged = {"eos_token_id": 2, "pad_token_id": 2, "bos_token_id": None, "use_cache": True}
+    sampled = hub.generation_config(merged, GenerateParams(temperature=0.7, top_p=0.8))
+    assert sampled["do_sample"] is True and sampled["temperature"] == 0.7 and sampled["top_p"] == 0.8
+    assert sampled["eos_token_id"] == sampled["pad_token_id"] == 2 and "bos_token_id" not in sampled
+    greedy = hub.generation_config(merged, GenerateParams(temperature=0.0))
+    assert greedy["do_sample"] is False and "temperature" not in greedy and "top_p" not in greedy
+
+
+def test_base_id_resolution_order(tmp_path):
+    (tmp_path / "qatune_base.json").write_text(json.dumps({"hub_id": "recorded/id"}))
+    assert hub.resolve_base_id("configured/id", tmp_path, "x") == "configured/id"
+    assert hub.resolve_base_id(None, tmp_path, "x") == "recorded/id"
+    (tmp_path / "qatune_base.json").write_text(json.dumps({"hub_id": None}))
+    assert hub.resolve_base_id(None, tmp_path, "org/model") == "org/model"
+    with pytest.raises(QatuneError, match="hub.base_model_id"):
+        hub.resolve_base_id(None, tmp_path, str(tmp_path))
+
+
+def test_git_blob_sha1_matches_git(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"hello\n")
+    assert hub.git_blob_sha1(path) == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object`
+
+
+def test_local_paths_are_refused_before_release(tmp_path):
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "tokenizer.json").write_text(
+        json.dumps({"vocab": {str(tmp_path): 1}})
+    )  # vocabularies are skipped
+    (staged / "config.json").write_text(json.dumps({"_name_or_path": "org/model"}))
+    needles = hub.local_path_needles(tmp_path)
+    hub.check_no_local_paths(staged, needles)
+    (staged / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": str(tmp_path / "base")})
+    )
+    with pytest.raises(QatuneError, match="adapter_config.json: contains the local path"):
+        hub.check_no_local_paths(staged, needles)
