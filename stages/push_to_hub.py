@@ -22,6 +22,7 @@ from qatune import hub
 from qatune.cards import CardInputs, render_card
 from qatune.errors import fail_cleanly
 from qatune.params import Params, load_params
+from qatune.train import git_commit
 
 ROLES = ("adapter", "merged")
 
@@ -33,7 +34,7 @@ def card_provenance(base_dir: str, adapter_dir: str, lock: str) -> dict:
         "base_revision": hub.base_revision(base_dir),
         "data_sha256": trained.get("data_sha256"),
         "trained_commit": trained.get("git_commit"),
-        "release_commit": hub.git_commit(),
+        "release_commit": git_commit(),
         "dvc_lock": hub.lock_entries(lock, ("dpo", "merge")),
     }
 

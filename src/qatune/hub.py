@@ -14,15 +14,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from qatune.errors import QatuneError
 from qatune.io import sha256_file, write_json
+from qatune.models import PROVENANCE_FILE as BASE_RECORD  # written by fetch next to the base weights
 from qatune.params import GenerateParams
 
-BASE_RECORD = "qatune_base.json"  # written by fetch next to the base weights (qatune.models.PROVENANCE_FILE)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Training-only or local-only files: optimizer state, Trainer arguments (a pickle), qatune's local
 # provenance (it holds local paths; a public one is written instead) and peft's placeholder card.
@@ -316,18 +315,6 @@ def push_repo(token: str, entry: dict[str, Any], message: str) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------- provenance
-
-
-def git_commit() -> str | None:
-    """The code version releasing the model (same rule as the training stages: '-dirty' if modified)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        ).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def lock_entries(lock_path: str | Path, stages: tuple[str, ...]) -> dict[str, Any]:

@@ -118,7 +118,9 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pat
     }
     (proj / "dvc.lock").write_text(yaml.safe_dump(lock))
     params = tiny_params(tiny_model_dir, ROOT / "tests" / "fixtures" / "mixed_small.jsonl")
-    params["hub"].update(adapter_repo=ADAPTER_REPO, merged_repo=MERGED_REPO)
+    params["hub"].update(
+        adapter_repo=ADAPTER_REPO, merged_repo=MERGED_REPO, base_model_id=None
+    )  # from the record
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     return proj
 
