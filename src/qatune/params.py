@@ -163,7 +163,8 @@ class EvaluateParams(Strict):
     max_new_tokens: int = Field(192, ge=1, description="greedy generation budget per answer")
     repetition_penalty: float = Field(1.0, ge=1.0, description="1.0 = off")
     semantic_model: Literal["bundled:all-minilm-l6-v2"] | None = Field(
-        "bundled:all-minilm-l6-v2", description="sentence embedding model for semantic similarity; null = skip"
+        "bundled:all-minilm-l6-v2",
+        description="sentence embedding model for semantic similarity; null = skip",
     )
     sample_answers: int = Field(6, ge=0, description="answers shown side by side in report.md")
     extra_files: list[EvalFileParams] = Field(default_factory=list)
@@ -189,7 +190,9 @@ class ChatParams(Strict):
 
 
 class HubParams(Strict):
-    push: bool = Field(False, description="false: dry run (stage files + receipt); true: upload with HF_TOKEN")
+    push: bool = Field(
+        False, description="false: dry run (stage files + receipt); true: upload with HF_TOKEN"
+    )
     adapter_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     merged_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     private: bool = True
