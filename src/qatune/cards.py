@@ -12,11 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qatune.evaluate import MEASURES
 from qatune.params import Params
 
 # Rows of the evaluation table in this order first; any other numeric metric follows alphabetically.
-METRIC_ORDER = ["nll", "perplexity", "preference_accuracy", "rouge_l", "semantic_similarity", "safety_score"]
-LOWER_IS_BETTER = {"nll", "perplexity", "loss"}
 ROLES = ("adapter", "merged")
 
 
@@ -242,11 +241,15 @@ def training(inputs: CardInputs) -> str:
     return text
 
 
-def metric_rows(models: dict[str, Any]) -> list[str]:
-    """Metrics that are numbers for both base and final, in METRIC_ORDER then alphabetical."""
+def metric_rows(models: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, label) of the evaluate stage's measures that are numbers for both base and final, in the
+    report's order; counters (rows, tokens) and unknown keys stay in metrics/evaluate.json."""
     base, final = models.get("base") or {}, models.get("final") or {}
-    names = [k for k in base if is_number(base.get(k)) and is_number(final.get(k))]
-    return sorted(names, key=lambda k: (METRIC_ORDER.index(k) if k in METRIC_ORDER else len(METRIC_ORDER), k))
+    return [
+        (key, f"{label} ({direction} is better)" if direction else label)
+        for key, label, direction in MEASURES
+        if is_number(base.get(key)) and is_number(final.get(key))
+    ]
 
 
 def evaluation_table(evaluation: dict[str, Any] | None) -> str:
@@ -262,10 +265,9 @@ def evaluation_table(evaluation: dict[str, Any] | None) -> str:
     )
     rule = "|---|---|---|---|---|" if sft else "|---|---|---|---|"
     rows = []
-    for name in metric_rows(models):
+    for name, label in metric_rows(models):
         base, final = models["base"][name], models["final"][name]
-        arrow = " (lower is better)" if name in LOWER_IS_BETTER else ""
-        cells = [f"{name}{arrow}", fmt(base), *([fmt(sft.get(name))] if sft else []), fmt(final)]
+        cells = [label, fmt(base), *([fmt(sft.get(name))] if sft else []), fmt(final)]
         cells.append(f"{final - base:+.4g}")
         rows.append("| " + " | ".join(cells) + " |")
     rows_note = evaluation.get("test_rows")

@@ -53,15 +53,16 @@ def test_evaluation_table_reads_defensively():
         "test_rows": 50,
     }
     table = evaluation_table(evaluation)
-    assert "| nll (lower is better) | 3 | 2.5 | -0.5 |" in table and "| rouge_l | 0.2 | 0.3 | +0.1 |" in table
+    nll, rouge = (
+        "answer NLL (nats/token, reference answers) (lower is better)",
+        "ROUGE-L F1 vs reference (higher is better)",
+    )
+    assert f"| {nll} | 3 | 2.5 | -0.5 |" in table and f"| {rouge} | 0.2 | 0.3 | +0.1 |" in table
     assert "only_base" not in table and "extra_metric" not in table and "flag" not in table
     assert "| SFT |" not in table.splitlines()[4]  # no sft block -> no SFT column
     assert "50 held-out test rows" in table
     with_sft = evaluation_table({"models": {**evaluation["models"], "sft": {"nll": 2.7}}})
-    assert (
-        "| nll (lower is better) | 3 | 2.7 | 2.5 | -0.5 |" in with_sft
-        and "| rouge_l | 0.2 | – | 0.3 |" in with_sft
-    )
+    assert f"| {nll} | 3 | 2.7 | 2.5 | -0.5 |" in with_sft and f"| {rouge} | 0.2 | – | 0.3 |" in with_sft
 
 
 @pytest.mark.parametrize("evaluation", [None, {}, {"models": {"base": {"nll": 1.0}}}, {"models": "broken"}])
