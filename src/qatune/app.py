@@ -1,0 +1,157 @@
+"""The Gradio chat app behind `qatune chat`: streamed answers, sampling sliders, a queue.
+
+    qatune chat                      # http://127.0.0.1:7860, settings from params.yaml `generate`/`chat`
+    qatune chat --mode adapter --port 7861
+
+Local only by default (chat.host 127.0.0.1, no gradio.live link unless chat.share or --share). One
+generation runs at a time (chat.concurrency_limit) and later users wait in a bounded queue
+(chat.max_queue): a small CPU box answers one question fast rather than several slowly.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from typing import Any
+
+# Gradio otherwise reports usage to its servers at import and launch time.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from qatune import inference  # noqa: E402
+from qatune.errors import QatuneError  # noqa: E402
+from qatune.params import ChatParams, GenerateParams, Params  # noqa: E402
+
+TITLE = "qatune: fitness & nutrition QA"
+DESCRIPTION = (
+    "A small model fine-tuned with LoRA SFT + DPO. Answers are generated, not checked by a professional: "
+    "see a doctor for pain, dizziness or medical conditions."
+)
+# Slider ranges: temperature above ~1.2 turns a 135M model's answers into noise; the token slider stops
+# at 2048 because the adaptive cap (free memory, context window) lowers anything beyond what fits.
+TEMPERATURE_MAX = 1.5
+MAX_NEW_TOKENS_MAX = 2048
+# Prefix of the app's refusals (too long, out of memory): such exchanges are left out of later prompts.
+REFUSAL = "⚠️ "
+
+
+def demo_questions(limit: int = 6) -> list[str]:
+    """Example questions shown under the chat: the shipped list, also used by merge and evaluate."""
+    text = (resources.files("qatune") / "data" / "demo_questions.txt").read_text(encoding="utf-8")
+    return [q for q in text.splitlines() if q.strip() and not q.startswith("#")][:limit]
+
+
+def message_text(content: Any) -> str | None:
+    """The text of one chat-history message (a string, or Gradio's list of content blocks); None if none."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [c if isinstance(c, str) else c.get("text") for c in content if isinstance(c, str | dict)]
+        text = "".join(p for p in parts if isinstance(p, str))
+        return text or None
+    return None
+
+
+def plain_history(history: list[dict] | None) -> list[dict]:
+    """Gradio's history as role/content text messages for the prompt.
+
+    Files and components are left out, and so is every refused exchange: an over-long question must not
+    reach the model through the history after being turned away.
+    """
+    out: list[dict] = []
+    for m in history or []:
+        text = message_text(m.get("content"))
+        if text is None:
+            continue
+        if m.get("role") == "assistant" and text.startswith(REFUSAL):
+            if out and out[-1]["role"] == "user":
+                out.pop()
+            continue
+        out.append({"role": m.get("role"), "content": text})
+    return out
+
+
+def make_respond(loaded: inference.Loaded, params: Params, settings: GenerateParams):
+    """The ChatInterface callback: refuse bad input with a message, else stream the growing answer."""
+
+    def respond(message: str, history: list[dict], temperature: float, top_p: float, max_new_tokens: float):
+        try:
+            question = inference.check_question(message, params.chat.max_input_chars)
+            current = inference.generation_settings(
+                settings, temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens)
+            )
+            messages = inference.build_messages(question, params.train.system_prompt, plain_history(history))
+            answer = ""
+            for piece in inference.stream_answer(loaded, messages, current):
+                answer += piece
+                yield answer
+        except QatuneError as err:
+            yield f"{REFUSAL}{err}"
+            return
+        if not answer.strip():
+            yield "(the model ended its answer without any text; try again or raise the temperature)"
+
+    return respond
+
+
+def build_app(loaded: inference.Loaded, params: Params, settings: GenerateParams) -> gr.ChatInterface:
+    """The chat UI with sliders preset from params; queue limits from params.chat."""
+    sliders = [
+        gr.Slider(
+            0.0, TEMPERATURE_MAX, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)"
+        ),
+        gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p"),
+        gr.Slider(
+            1,
+            max(MAX_NEW_TOKENS_MAX, settings.max_new_tokens),
+            value=settings.max_new_tokens,
+            step=1,
+            label="Max new tokens",
+        ),
+    ]
+    demo = gr.ChatInterface(
+        make_respond(loaded, params, settings),
+        additional_inputs=sliders,
+        additional_inputs_accordion=gr.Accordion("Generation settings", open=True),
+        # One-item rows: shown as cards in the empty chat, answered with the sliders' current values.
+        examples=[[q] for q in demo_questions()],
+        cache_examples=False,
+        title=TITLE,
+        description=f"{DESCRIPTION}  \nModel: `{loaded.source}` on {loaded.device} ({loaded.dtype}).",
+        textbox=gr.Textbox(placeholder="Ask a fitness or nutrition question…", submit_btn=True),
+        analytics_enabled=False,
+        api_name="chat",
+    )
+    return demo.queue(default_concurrency_limit=params.chat.concurrency_limit, max_size=params.chat.max_queue)
+
+
+def launch_kwargs(
+    chat: ChatParams, host: str | None = None, port: int | None = None, share: bool | None = None
+) -> dict[str, Any]:
+    """Where to listen: params.chat unless a flag says otherwise (None = not given)."""
+    return {
+        "server_name": host or chat.host,
+        "server_port": port or chat.port,
+        "share": chat.share if share is None else share,
+    }
+
+
+def serve(
+    loaded: inference.Loaded,
+    params: Params,
+    settings: GenerateParams,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool | None = None,
+) -> None:
+    """Build and run the app until interrupted."""
+    kwargs = launch_kwargs(params.chat, host, port, share)
+    if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qatune: listening on {kwargs['server_name']}: reachable from your network", flush=True)
+    try:
+        build_app(loaded, params, settings).launch(**kwargs)
+    except OSError as err:  # port taken, address not available
+        raise QatuneError(
+            f"chat: cannot listen on {kwargs['server_name']}:{kwargs['server_port']}: {err}"
+        ) from None

@@ -1,0 +1,148 @@
+"""`qatune`: talk to the fine-tuned model.
+
+    qatune ask "How much protein do I need to build muscle?"   # streams the answer to stdout
+    qatune ask --mode adapter --temperature 0 "Is creatine safe?"
+    echo "What should I eat before a run?" | qatune ask -
+    qatune chat                                                # Gradio app on http://127.0.0.1:7860
+
+Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
+port, input cap, queue) and `train.system_prompt` (the prompt the model was trained with). Flags override
+them for one run. `merged` serves models/merged (run `dvc repro merge` first); `adapter` serves
+models/base with the LoRA adapter models/dpo on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from qatune import inference
+from qatune.errors import QatuneError, fail_cleanly
+from qatune.params import Params, load_params
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options both subcommands take: where the model is and how to sample from it."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+    common.add_argument(
+        "--mode",
+        choices=["merged", "adapter"],
+        help="merged: one merged model folder; adapter: base model + LoRA adapter (default: generate.mode)",
+    )
+    common.add_argument(
+        "--model-dir",
+        help=f"merged mode: the merged model (default {inference.MERGED_DIR}); "
+        f"adapter mode: the base model (default {inference.BASE_DIR})",
+    )
+    common.add_argument(
+        "--adapter-dir",
+        default=inference.ADAPTER_DIR,
+        help=f"adapter mode: the LoRA adapter folder (default {inference.ADAPTER_DIR})",
+    )
+    common.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible"
+    )
+    common.add_argument("--temperature", type=float, help="0 = greedy (default: generate.temperature)")
+    common.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generate.top_p)")
+    common.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="upper bound on answer tokens, lowered if free memory is short (default: generate.max_new_tokens)",
+    )
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = common_options()
+    ask = sub.add_parser("ask", parents=[common], help="answer one question, streamed to stdout")
+    ask.add_argument("question", help="the question; '-' reads it from stdin")
+    chat = sub.add_parser("chat", parents=[common], help="start the Gradio chat app")
+    chat.add_argument("--host", help="bind address (default: chat.host, 127.0.0.1 = this machine only)")
+    chat.add_argument("--port", type=int, help="port (default: chat.port)")
+    chat.add_argument(
+        "--share",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a public gradio.live link (default: chat.share, off)",
+    )
+    return parser
+
+
+def settings_from(args: argparse.Namespace, params: Params):
+    return inference.generation_settings(
+        params.generate,
+        mode=args.mode,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def quiet_libraries() -> None:
+    """Loading prints progress bars, deprecation notices and (bitsandbytes, imported by peft) a note about
+    optional 4-bit kernels that inference never uses: noise around a streamed answer. Errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loaded:
+    quiet_libraries()
+    default_dir = inference.MERGED_DIR if mode == "merged" else inference.BASE_DIR
+    loaded = inference.load_model(
+        mode,
+        args.model_dir or default_dir,
+        args.adapter_dir,
+        device=args.device,
+        trust_remote_code=params.train.trust_remote_code,
+    )
+    print(f"qatune: {loaded.source} on {loaded.device} ({loaded.dtype})", file=sys.stderr)
+    return loaded
+
+
+def note_cap(requested: int, allowed: int) -> None:
+    print(f"qatune: max_new_tokens {requested} -> {allowed} (free memory / context)", file=sys.stderr)
+
+
+def ask(args: argparse.Namespace, params: Params) -> None:
+    """Check the question before loading anything, then stream the answer as it is generated."""
+    raw = sys.stdin.read() if args.question == "-" else args.question
+    question = inference.check_question(raw, params.chat.max_input_chars)
+    settings = settings_from(args, params)
+    loaded = load(args, params, settings.mode)
+    messages = inference.build_messages(question, params.train.system_prompt)
+    for piece in inference.stream_answer(loaded, messages, settings, on_cap=note_cap):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def chat(args: argparse.Namespace, params: Params) -> None:
+    try:
+        from qatune import app
+    except ImportError as err:  # gradio is the `app` extra
+        raise QatuneError(f"the chat app needs gradio ({err}); pip install 'qatune[app]'") from None
+    settings = settings_from(args, params)
+    loaded = load(args, params, settings.mode)
+    app.serve(loaded, params, settings, host=args.host, port=args.port, share=args.share)
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    params = load_params(args.params)
+    {"ask": ask, "chat": chat}[args.command](args, params)
+
+
+if __name__ == "__main__":
+    main()

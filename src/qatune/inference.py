@@ -1,0 +1,299 @@
+"""Answer questions with the trained model: loading, prompting and streamed generation.
+
+Shared by `qatune ask` (stdout) and `qatune chat` (Gradio). Two ways to load the model (seed 001):
+`merged` reads models/merged (one plain model, the fast path); `adapter` reads models/base and puts the
+final LoRA adapter (models/dpo) on top with peft, as trained. The choices that depend on the machine
+(device, dtype, how many new tokens fit in memory) are small pure functions, unit-tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from qatune.errors import QatuneError
+from qatune.params import GenerateParams
+from qatune.train import conversation
+
+# Only part of the free memory goes to the KV cache: the forward pass also needs activations and a
+# vocabulary-sized logits row per step, and allocators fragment. Half leaves room for all of that.
+KV_MEMORY_FRACTION = 0.5
+# The model was trained on single-turn questions; the last few exchanges give a follow-up its context
+# without letting the prompt (and its cost per token) grow for as long as a chat lasts.
+HISTORY_TURNS = 3
+
+MERGED_DIR = "models/merged"
+BASE_DIR = "models/base"
+ADAPTER_DIR = "models/dpo"
+
+
+# --------------------------------------------------------------------------- machine choices (pure)
+
+
+def select_device(requested: str, cuda_available: bool) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; an explicit cuda without a GPU is an error."""
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise QatuneError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
+    if requested not in ("cpu", "cuda"):
+        raise QatuneError(f"--device: unknown device '{requested}' (auto, cpu, cuda)")
+    return requested
+
+
+def select_dtype(device: str, cuda_bf16: bool) -> str:
+    """bfloat16 on GPUs that have it (half the memory, full fp32 range); float32 everywhere else.
+
+    fp16 is avoided on older GPUs: models trained in fp32/bf16 can overflow its range.
+    """
+    return "bfloat16" if device == "cuda" and cuda_bf16 else "float32"
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
+    """KV-cache memory one more token costs: a key and a value vector per layer and KV head."""
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_element
+
+
+def adaptive_max_new_tokens(
+    requested: int,
+    prompt_tokens: int,
+    free_bytes: int,
+    bytes_per_token: int,
+    context_length: int | None = None,
+    memory_fraction: float = KV_MEMORY_FRACTION,
+) -> int:
+    """How many new tokens to allow: the request, lowered to what the KV cache can hold in free memory.
+
+    Free memory is GPU memory on a GPU and available RAM on CPU (seed 000's adaptive generation). The
+    cache holds prompt and answer, so the prompt's share comes off first; the model's context window is
+    a second bound. Raises when not even one new token fits, instead of letting the process be killed.
+    """
+    budget = int(free_bytes * memory_fraction) // bytes_per_token - prompt_tokens
+    if context_length is not None:
+        budget = min(budget, context_length - prompt_tokens)
+    if budget < 1:
+        raise QatuneError(
+            f"not enough room to answer: {prompt_tokens} prompt tokens, "
+            f"{free_bytes / 2**20:.0f} MiB free, {bytes_per_token / 1024:.1f} KiB of KV cache per token"
+            + (f", context window {context_length}" if context_length else "")
+        )
+    return min(requested, budget)
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) from a transformers config; multimodal configs nest the text model."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, kv_heads, head_dim
+
+
+# --------------------------------------------------------------------------- input and prompt (pure)
+
+
+def check_question(question: str, max_chars: int) -> str:
+    """The question, stripped; an empty or over-long one is refused with a message saying what to do."""
+    question = question.strip()
+    if not question:
+        raise QatuneError("the question is empty")
+    if len(question) > max_chars:
+        raise QatuneError(
+            f"the question is {len(question):,} characters; the limit is {max_chars:,} "
+            "(chat.max_input_chars). Please shorten it."
+        )
+    return question
+
+
+def build_messages(question: str, system_prompt: str | None, history: list[dict] | None = None) -> list[dict]:
+    """The chat messages the model sees: the training system prompt, recent turns, then the question.
+
+    Reuses `train.conversation` so the prompt at inference is the one the model was trained on.
+    """
+    recent = [
+        {"role": m["role"], "content": m["content"]}
+        for m in (history or [])
+        if m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+    ][-2 * HISTORY_TURNS :]
+    return conversation({"prompt": [*recent, {"role": "user", "content": question}]}, system_prompt)
+
+
+def generation_settings(base: GenerateParams, **overrides: Any) -> GenerateParams:
+    """`base` with the given overrides (None = keep), validated like params.yaml itself."""
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return GenerateParams.model_validate({**base.model_dump(), **changes})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise QatuneError(f"generation settings: {problems}") from None
+
+
+def sampling_kwargs(settings: GenerateParams) -> dict[str, Any]:
+    """model.generate() arguments; temperature 0 means greedy (transformers rejects 0 with sampling)."""
+    kwargs: dict[str, Any] = {"repetition_penalty": settings.repetition_penalty}
+    if settings.temperature > 0:
+        kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None)
+    return kwargs
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loaded:
+    """A model ready to answer, with what generation needs to know about it."""
+
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    source: str  # "models/merged" or "models/base + models/dpo", for the banner
+
+
+def require_model_files(mode: str, model_dir: str | Path, adapter_dir: str | Path) -> None:
+    """Fail before importing torch when the pipeline has not produced the model yet."""
+    model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    if not (model_dir / "config.json").is_file():
+        stage = "merge" if mode == "merged" else "fetch"
+        raise QatuneError(f"{model_dir}: no model found; run `dvc repro {stage}` first")
+    if mode == "adapter" and not (adapter_dir / "adapter_config.json").is_file():
+        raise QatuneError(f"{adapter_dir}: no LoRA adapter found; run `dvc repro dpo` first")
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free GPU memory on cuda, available RAM (incl. reclaimable cache) on cpu.
+
+    On cuda, blocks PyTorch's caching allocator holds but no tensor uses count as free: it reuses them.
+    """
+    if device == "cuda":
+        import torch
+
+        cached = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        return int(torch.cuda.mem_get_info()[0] + cached)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def load_model(
+    mode: str,
+    model_dir: str | Path,
+    adapter_dir: str | Path = ADAPTER_DIR,
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Loaded:
+    """Load the merged model, or the base model plus the LoRA adapter, on the chosen device.
+
+    Safetensors only. The tokenizer comes from the folder saved with the trained weights (it carries
+    the chat template used in training); an adapter folder without one falls back to the base's.
+    """
+    require_model_files(mode, model_dir, adapter_dir)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    device = select_device(device, cuda)
+    dtype = select_dtype(device, bool(cuda and torch.cuda.is_bf16_supported()))
+    tok_dir = model_dir
+    if mode == "adapter" and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tok_dir = adapter_dir
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    source = str(model_dir)
+    if mode == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        source = f"{model_dir} + {adapter_dir}"
+    model = model.to(device).eval()
+    return Loaded(model, tokenizer, device, dtype, source)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def prompt_inputs(loaded: Loaded, messages: list[dict]):
+    """Token ids of the chat-templated prompt, on the model's device."""
+    text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    return enc.to(loaded.device)
+
+
+def max_new_tokens_for(loaded: Loaded, requested: int, prompt_tokens: int) -> int:
+    """The adaptive cap for this model on this machine right now."""
+    import torch
+
+    config = loaded.model.config
+    layers, kv_heads, head_dim = kv_geometry(config)
+    element = torch.finfo(getattr(torch, loaded.dtype)).bits // 8
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return adaptive_max_new_tokens(
+        requested,
+        prompt_tokens,
+        free_memory_bytes(loaded.device),
+        kv_bytes_per_token(layers, kv_heads, head_dim, element),
+        getattr(text, "max_position_embeddings", None),
+    )
+
+
+def stream_answer(
+    loaded: Loaded, messages: list[dict], settings: GenerateParams, on_cap: Any = None
+) -> Iterator[str]:
+    """Yield the answer in pieces as it is generated (generate runs in a thread, the streamer feeds us).
+
+    `on_cap(requested, allowed)` is called when free memory lowers max_new_tokens, so callers can say so.
+    An exception inside generate() ends the stream and is re-raised here, not lost in the thread. When
+    the caller stops early (Gradio's stop button closes the generator), generation stops at the next
+    token instead of running on and holding a queue slot.
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    inputs = prompt_inputs(loaded, messages)
+    allowed = max_new_tokens_for(loaded, settings.max_new_tokens, inputs["input_ids"].shape[1])
+    if allowed < settings.max_new_tokens and on_cap:
+        on_cap(settings.max_new_tokens, allowed)
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+    pad_id = loaded.tokenizer.pad_token_id
+    pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
+
+    def run() -> None:
+        try:
+            with torch.inference_mode():
+                loaded.model.generate(
+                    **inputs,
+                    streamer=streamer,
+                    max_new_tokens=allowed,
+                    eos_token_id=loaded.tokenizer.eos_token_id,
+                    pad_token_id=pad_id,
+                    stopping_criteria=StoppingCriteriaList([StopWhenSet()]),
+                    **sampling_kwargs(settings),
+                )
+        except BaseException as err:  # handed to the caller's thread below
+            failure.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield from (piece for piece in streamer if piece)
+    finally:
+        stop.set()
+        thread.join()
+    if failure:
+        raise failure[0]
