@@ -184,13 +184,21 @@ def perplexity(loss: float | None) -> float | None:
 
 
 def write_history(log_history: list[dict], plots_dir: Path, keys: dict[str, list[str]]) -> None:
-    """Per-step curves as DVC plot files (one JSON list per metric) plus one CSV of everything (seed 002)."""
+    """Per-step curves as DVC plot files (one JSON list per plot) plus one CSV of everything (seed 002).
+
+    Trainer logs train and eval values as separate entries; DVC draws a file only when every row has the
+    same fields, so rows are merged by step and a value missing at a step is null (vega skips it).
+    """
     plots_dir.mkdir(parents=True, exist_ok=True)
     for name, metric_keys in keys.items():
+        by_step: dict[int, dict] = {}
+        for entry in log_history:
+            for key in metric_keys:
+                if key in entry:
+                    by_step.setdefault(entry["step"], {})[key.replace("/", "_")] = entry[key]
+        fields = [k.replace("/", "_") for k in metric_keys]
         rows = [
-            {"step": e["step"], **{k.replace("/", "_"): e[k] for k in metric_keys if k in e}}
-            for e in log_history
-            if any(k in e for k in metric_keys)
+            {"step": step, **{f: values.get(f) for f in fields}} for step, values in sorted(by_step.items())
         ]
         (plots_dir / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = sorted({k for e in log_history for k in e})

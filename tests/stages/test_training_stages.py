@@ -56,7 +56,9 @@ def test_sft_then_dpo(project):
     prov = json.loads((proj / "models/sft/qatune_provenance.json").read_text())
     assert prov["params"]["sft"]["max_steps"] == 4 and len(prov["data_sha256"]) == 64
     loss_curve = json.loads((proj / "metrics/sft/loss.json").read_text())
-    assert [p["step"] for p in loss_curve if "loss" in p] == [1, 2, 3, 4]
+    assert [p["step"] for p in loss_curve if p["loss"] is not None] == [1, 2, 3, 4]
+    assert all(set(p) == {"step", "loss", "eval_loss"} for p in loss_curve)  # DVC plots need equal fields
+    assert [p["step"] for p in loss_curve if p["eval_loss"] is not None] == [2, 4]
     assert "eval_loss" in (proj / "metrics/sft/history.csv").read_text().splitlines()[0]
 
     stage(proj, "dpo")
