@@ -15,7 +15,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-slow lint format lock dag clean-outputs
+.PHONY: setup repro test test-slow lint format lock dag clean-outputs bench bench-pipeline
 
 setup: $(STAMP)
 
@@ -46,6 +46,7 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile.cpu Dockerfile.cuda
 
 format: setup
 	$(BIN)/ruff check --fix .
@@ -57,3 +58,81 @@ lock: setup
 
 dag: setup
 	$(BIN)/dvc dag
+
+# Training curves and scores -> dvc_plots/index.html, drawn offline: .dvc/config points DVC at
+# .dvc/plots/offline.html (vega inlined; rebuild with scripts/build_plots_template.py).
+.PHONY: plots
+plots: setup
+	$(BIN)/dvc plots show
+
+# Side-by-side benchmarks (bench/RESULTS.md): each prints its ratio and writes bench/results/<name>.json.
+# They train and generate for several minutes each on 2 cores: run them on an otherwise idle machine.
+bench: setup
+	$(BIN)/python bench/sft_vs_trl.py
+	$(BIN)/python bench/mfu.py
+	$(BIN)/python bench/dpo_ref.py
+	$(BIN)/python bench/generation.py
+
+# dvc repro + dvc exp run -S beta=0.2 from a clean clone in /tmp (never in this working tree).
+bench-pipeline: setup
+	bash bench/pipeline.sh
+
+# The Gradio chat app on http://127.0.0.1:7860 (params.yaml `chat`); needs models/merged (`dvc repro merge`).
+.PHONY: chat
+chat: setup
+	$(BIN)/qatune chat
+
+# ---- Containers (README "Containers"). The images install from requirements.lock (CPU) and
+# docker/requirements-cuda.lock (CUDA); the repository is mounted at /app at run time, never copied whole.
+CONTAINER_ENGINE ?= $(if $(shell command -v podman),podman,docker)
+IMAGE ?= qatune
+BASE_IMAGE ?= debian:bookworm-slim
+# torch's wheels bring the CUDA libraries; the -base- image adds only the driver hooks for the GPU runtime.
+CUDA_BASE_IMAGE ?= nvidia/cuda:13.0.2-base-ubuntu22.04
+# pip inside the build reads what pip reads here: the first find-links folder (a local torch CPU wheel) is
+# bind-mounted as the `wheels` context, and the CA bundle goes in as the `cacert` secret (never in a layer).
+WHEELS ?= $(firstword $(foreach d,$(PIP_FIND_LINKS),$(if $(wildcard $(d)/*.whl),$(d))))
+CA_BUNDLE ?= $(PIP_CERT)
+PIP_INDEX ?= $(or $(PIP_INDEX_URL),https://pypi.org/simple)
+# Local wheels replace the PyTorch CPU index (this machine cannot reach it).
+TORCH_INDEX ?= $(if $(WHEELS),,https://download.pytorch.org/whl/cpu)
+CHAT_PORT ?= 7860
+BUILD_FLAGS ?=
+, := ,
+BUILD = $(CONTAINER_ENGINE) build $(BUILD_FLAGS) --build-arg PIP_INDEX_URL=$(PIP_INDEX) --build-arg SMOLLM2=$(SMOLLM2) \
+  $(if $(CA_BUNDLE),--secret id=cacert$(,)src=$(CA_BUNDLE))
+BUILD_CPU = $(BUILD) -f Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+  --build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX) $(if $(WHEELS),--build-context wheels=$(WHEELS))
+# Files written into the mounted repository must belong to whoever runs make. Rootless podman maps that user
+# with keep-id (a plain --user would land on a subordinate uid); docker and rootful podman take --user.
+# HOME=/tmp: the invoking uid has no home in the image, and git, HF and pytest want a writable one.
+# --init: a small PID 1 reaps the pipeline's orphaned subprocesses and passes Ctrl-C on (podman: catatonit).
+USER_FLAGS = $(if $(and $(findstring podman,$(CONTAINER_ENGINE)),$(filter-out 0,$(shell id -u))),--userns=keep-id,--user $(shell id -u):$(shell id -g))
+RUN_ENV = $(foreach v,HF_HUB_OFFLINE HF_DATASETS_OFFLINE WANDB_MODE GRADIO_ANALYTICS_ENABLED TOKENIZERS_PARALLELISM HF_TOKEN WANDB_API_KEY,-e $(v))
+RUN = $(CONTAINER_ENGINE) run --rm --init $(USER_FLAGS) -e HOME=/tmp $(RUN_ENV) -v $(CURDIR):/app -w /app $(if $(shell [ -t 0 ] && echo tty),-it)
+# GPUs: podman through CDI (`nvidia-ctk cdi generate`), docker through the NVIDIA container toolkit.
+GPU_FLAGS ?= $(if $(findstring podman,$(CONTAINER_ENGINE)),--device nvidia.com/gpu=all,--gpus all)
+
+base-image:  ## a local Debian bookworm base, for machines that cannot pull one (root, debootstrap)
+	CONTAINER_ENGINE=$(CONTAINER_ENGINE) docker/base-image.sh qatune-base:bookworm
+
+image-cpu:
+	$(BUILD_CPU) --target runtime -t $(IMAGE):cpu .
+
+image-cpu-test:
+	$(BUILD_CPU) --target test -t $(IMAGE):cpu-test .
+
+image-cuda:
+	$(BUILD) -f Dockerfile.cuda --build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) --target runtime -t $(IMAGE):cuda .
+
+docker-repro: image-cpu
+	$(RUN) $(IMAGE):cpu dvc repro
+
+docker-repro-cuda: image-cuda
+	$(RUN) $(GPU_FLAGS) $(IMAGE):cuda dvc repro
+
+docker-chat: image-cpu
+	$(RUN) -p 127.0.0.1:$(CHAT_PORT):7860 $(IMAGE):cpu qatune chat --host 0.0.0.0 --port 7860
+
+docker-test: image-cpu-test
+	$(RUN) $(IMAGE):cpu-test pytest -n 2 -m "not slow" tests

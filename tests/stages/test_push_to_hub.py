@@ -240,8 +240,11 @@ def test_dry_run_stages_exactly_the_release(proj: Path):
         and "PeftModel.from_pretrained" in card
         and "apply_chat_template" in card
     )
-    assert "| nll (lower is better) | 2.5 | 2.1 | 2 | -0.5 |" in card
-    assert "| rouge_l | 0.21 | – | 0.25 |" in card and "112 held-out test rows" in card
+    assert "| answer NLL (nats/token, reference answers) (lower is better) | 2.5 | 2.1 | 2 | -0.5 |" in card
+    assert (
+        "| ROUGE-L F1 vs reference (higher is better) | 0.21 | – | 0.25 |" in card
+        and "112 held-out test rows" in card
+    )
     assert DATA_SHA in card and "f" * 32 in card and "Not medical or dietary advice" in card
     merged_meta = front_matter((merged / "README.md").read_text())
     assert merged_meta["library_name"] == "transformers" and merged_meta["base_model_relation"] == "finetune"
