@@ -8,6 +8,11 @@ loaded once with both adapters on top: the base is scored with the adapters swit
 by switching the active adapter. Writes every number per model to metrics/evaluate.json, tables and
 answers side by side to metrics/report.md, per-question answers to metrics/evaluate/generations.jsonl,
 and plots (PNG, and a DVC bar plot).
+
+Scores and answers are also kept in `evaluate.reuse_dir` (default .cache/evaluate, outside git and DVC),
+keyed by a digest of everything they depend on: a rerun where only the final adapter changed, such as
+`dvc exp run -S beta=0.2`, recomputes the final model's numbers only. metrics/evaluate.json lists what
+was reused.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from qatune import trainer_setup as ts
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl, write_json, write_jsonl
 from qatune.params import load_params
-from qatune.train import git_commit, peak_memory_gb
+from qatune.train import git_commit, peak_memory_gb, sha256_files
 
 MODELS = ("base", "sft", "final")
 
@@ -87,35 +92,86 @@ def generation_dtype():
     return torch.bfloat16 if fast else torch.float32
 
 
-def score(model, tokenizer, rows, system_prompt, batch_size) -> dict[str, list[dict]]:
+def reuse_keys(args, params) -> dict[str, Any]:
+    """What every memoised result depends on: each model's weights (base, base + adapter), the tokenizer
+    and chat template used, the code that scores and generates, library versions and the hardware."""
+    import peft
+    import torch
+    import transformers
+
+    from qatune import train
+
+    def files(folder: str) -> list[Path]:
+        return sorted(p for p in Path(folder).rglob("*") if p.is_file())
+
+    base = sha256_files(files(args.model))
+    tokenizer_files = [
+        p for p in files(args.final) if p.name.startswith(("tokenizer", "special_tokens", "chat_"))
+    ]
+    env = {
+        "code": sha256_files([__file__, ev.__file__, train.__file__]),
+        "versions": [torch.__version__, transformers.__version__, peft.__version__],
+        "hardware": train.hardware(),
+        "tokenizer": sha256_files(tokenizer_files),
+        "system_prompt": params.train.system_prompt,
+    }
+    return {
+        "env": env,
+        "base": base,
+        "sft": sha256_files([*files(args.sft)]) + base,
+        "final": sha256_files([*files(args.final)]) + base,
+    }
+
+
+def score(model, tokenizer, rows, label, cfg, keys, memo) -> dict[str, list[dict]]:
     """Per model, per row: log-prob sums and token counts of the chosen and rejected answers (float32)."""
     import torch
 
     model.to(torch.float32)
+    system_prompt = keys["env"]["system_prompt"]
     chosen = ev.encode_pairs(tokenizer, rows, system_prompt, "chosen")
     with_rejected = [i for i, r in enumerate(rows) if r.get("rejected")]
     rejected = ev.encode_pairs(tokenizer, [rows[i] for i in with_rejected], system_prompt, "rejected")
     out = {}
     for name in MODELS:
-        with Switch(model, name):
-            c = ev.answer_logprobs(model, chosen, batch_size, tokenizer.pad_token_id)
-            r = ev.answer_logprobs(model, rejected, batch_size, tokenizer.pad_token_id)
-        per_row = [{"chosen_logp": lp, "chosen_tokens": n} for lp, n in c]
-        for i, (lp, n) in zip(with_rejected, r, strict=True):
-            per_row[i].update(rejected_logp=lp, rejected_tokens=n)
+        key = memo.key(kind="score", model=keys[name], env=keys["env"], rows=rows, batch_size=cfg.batch_size)
+        per_row = memo.get(key, f"{label} {name} scores")
+        if per_row is None:
+            with Switch(model, name):
+                c = ev.answer_logprobs(model, chosen, cfg.batch_size, tokenizer.pad_token_id)
+                r = ev.answer_logprobs(model, rejected, cfg.batch_size, tokenizer.pad_token_id)
+            per_row = [{"chosen_logp": lp, "chosen_tokens": n} for lp, n in c]
+            for i, (lp, n) in zip(with_rejected, r, strict=True):
+                per_row[i].update(rejected_logp=lp, rejected_tokens=n)
+            memo.put(key, per_row)
         out[name] = per_row
     return out
 
 
-def generate(model, tokenizer, rows, system_prompt, cfg) -> dict[str, tuple[list[str], list[bool]]]:
+def generate(model, tokenizer, rows, cfg, keys, memo) -> dict[str, tuple[list[str], list[bool]]]:
     """Greedy answers from the base and the final model."""
-    questions = ev.questions_of(rows, system_prompt)
+    questions = ev.questions_of(rows, keys["env"]["system_prompt"])
+    settings = cfg.model_dump(include={"batch_size", "max_new_tokens", "repetition_penalty"})
+    dtype = str(next(model.parameters()).dtype)
     out = {}
     for name in ("base", "final"):
-        with Switch(model, name):
-            out[name] = ev.generate_answers(
-                model, tokenizer, questions, cfg.batch_size, cfg.max_new_tokens, cfg.repetition_penalty, name
-            )
+        key = memo.key(
+            kind="generate", model=keys[name], env=keys["env"], questions=questions, dtype=dtype, **settings
+        )
+        cached = memo.get(key, f"{name} answers")
+        if cached is None:
+            with Switch(model, name):
+                cached = ev.generate_answers(
+                    model,
+                    tokenizer,
+                    questions,
+                    cfg.batch_size,
+                    cfg.max_new_tokens,
+                    cfg.repetition_penalty,
+                    name,
+                )
+            memo.put(key, cached)
+        out[name] = (list(cached[0]), list(cached[1]))
     return out
 
 
@@ -198,13 +254,15 @@ def main(argv: list[str] | None = None) -> None:
         raise QatuneError(f"{test_file}: the test split is empty (split.test is 0?)")
 
     model, tokenizer = load_models(args, params)
+    keys = reuse_keys(args, params)
+    memo = ev.Memo(cfg.reuse_dir)
     timings: dict[str, float] = {}
     # Phase 1, float32: likelihoods of every set under base, SFT and final.
     t0 = time.perf_counter()
     scores = {}
     for label, rows in sets.items():
         print(f"evaluate: scoring {label}: {len(rows)} rows x 3 models", flush=True)
-        scores[label] = score(model, tokenizer, rows, params.train.system_prompt, cfg.batch_size)
+        scores[label] = score(model, tokenizer, rows, label, cfg, keys, memo)
     timings["score_s"] = round(time.perf_counter() - t0, 1)
 
     # Phase 2, bfloat16 where fast: every question of every set and the demo list in one batched pass.
@@ -215,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     demos = demo_rows()
     everything = [row for rows in gen_sets.values() for row in rows] + demos
     t0 = time.perf_counter()
-    answers = generate(model, tokenizer, everything, params.train.system_prompt, cfg)
+    answers = generate(model, tokenizer, everything, cfg, keys, memo)
     timings["generate_s"] = round(time.perf_counter() - t0, 1)
     new_tokens = sum(
         len(tokenizer(a, add_special_tokens=False)["input_ids"]) for m in answers for a in answers[m][0]
@@ -248,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         "generated_rows": results["test"]["models"]["final"]["generated"],
         "extra": {k: v for k, v in results.items() if k != "test"},
         "timings": timings,
+        "reused": memo.hits,
         "settings": {"decoding": "greedy", **cfg.model_dump(exclude={"extra_files"}), "beta": params.beta},
         "git_commit": git_commit(),
         "wall_s": round(time.perf_counter() - started, 1),

@@ -14,9 +14,12 @@ The pure helpers here are unit-tested; stages/evaluate.py does the loading and t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from qatune.errors import QatuneError
@@ -33,6 +36,48 @@ REFERRAL = re.compile(
     re.IGNORECASE,
 )
 WORD = re.compile(r"\w+")
+
+
+# --------------------------------------------------------------------------- reuse across runs
+
+
+class Memo:
+    """JSON results of deterministic computations, one file per key, in a folder outside DVC's outputs.
+
+    The key is a digest of everything a result depends on (weights, rows, settings, the code that computes
+    it, library versions, hardware), so a hit returns what recomputing would. `dvc exp run -S beta=0.2`
+    reruns evaluate because the final adapter changed; with a memo it recomputes only the final model's
+    numbers, since base and SFT are unchanged. `folder=None` turns reuse off.
+    """
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder else None
+        self.hits: list[str] = []
+
+    @staticmethod
+    def key(**parts: Any) -> str:
+        blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def get(self, key: str, label: str) -> Any | None:
+        """The stored result, or None (reuse off, never computed, or an unreadable file)."""
+        if self.folder is None:
+            return None
+        try:
+            value = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        self.hits.append(label)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{key}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+        tmp.replace(path)  # atomic: an interrupted run never leaves half a result behind
 
 
 # --------------------------------------------------------------------------- pure measures
@@ -482,6 +527,8 @@ def render_report(metrics: dict, records: list[dict], demos: list[dict], samples
         f"peak RSS {metrics.get('peak_rss_gb')} GB.",
         "",
     ]
+    if metrics.get("reused"):
+        out += [f"Reused from earlier runs with identical inputs: {', '.join(metrics['reused'])}.", ""]
     return "\n".join(out)
 
 

@@ -168,6 +168,11 @@ class EvaluateParams(Strict):
     )
     sample_answers: int = Field(6, ge=0, description="answers shown side by side in report.md")
     extra_files: list[EvalFileParams] = Field(default_factory=list)
+    reuse_dir: str | None = Field(
+        ".cache/evaluate",
+        description="scores and answers kept by a digest of their inputs and reused when nothing they depend "
+        "on changed (base and SFT in a beta experiment); null = always recompute",
+    )
 
 
 class GenerateParams(Strict):

@@ -58,6 +58,21 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
     assert {"metric", "value"} <= set(scores[0])
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], proj).stdout
     assert "preference_accuracy" in shown
+    assert metrics["reused"] == []  # a first run computes everything
+
+    # A beta experiment changes only the final adapter: base and SFT numbers come from the reuse folder,
+    # identical to the first run's, and the final model is scored and answered afresh.
+    out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "beta=0.3", "evaluate"], proj).stdout
+    assert "Running stage 'dpo'" in out and "Running stage 'sft'" not in out
+    again = json.loads((proj / "metrics/evaluate.json").read_text())
+    assert sorted(again["reused"]) == sorted(
+        ["test base scores", "test sft scores", "faq base scores", "faq sft scores", "base answers"]
+    )
+    for name in ("base", "sft"):
+        assert again["models"][name] == metrics["models"][name]
+    assert again["settings"]["beta"] == 0.3
+    assert again["dpo_implicit_reward"] != metrics["dpo_implicit_reward"]
+    assert "Reused from earlier runs" in (proj / "metrics/report.md").read_text()
 
 
 def test_a_missing_model_is_a_one_line_error(project):

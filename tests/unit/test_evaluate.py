@@ -149,3 +149,26 @@ def test_batched_greedy_generation_equals_one_question_at_a_time(tiny):
     batched, finished = ev.generate_answers(model, tok, questions, 3, 8, 1.0, "test")
     one_by_one = [ev.generate_answers(model, tok, [q], 1, 8, 1.0, "test")[0][0] for q in questions]
     assert batched == one_by_one and len(finished) == 3
+
+
+def test_memo_returns_exactly_what_was_stored_under_the_same_inputs_only(tmp_path):
+    memo = ev.Memo(tmp_path / "reuse")
+    key = memo.key(kind="score", model="abc", rows=[{"prompt": "q"}], batch_size=8)
+    assert memo.get(key, "base scores") is None and memo.hits == []
+    value = [{"chosen_logp": -12.345678901234567, "chosen_tokens": 7}]
+    memo.put(key, value)
+    assert memo.get(key, "base scores") == value  # floats survive the JSON round trip bit for bit
+    assert memo.hits == ["base scores"]
+    # Any change of input is another key; dict order is not a change.
+    assert memo.key(kind="score", model="abd", rows=[{"prompt": "q"}], batch_size=8) != key
+    assert memo.key(kind="score", model="abc", rows=[{"prompt": "q"}], batch_size=4) != key
+    assert memo.key(batch_size=8, rows=[{"prompt": "q"}], model="abc", kind="score") == key
+
+
+def test_memo_off_or_unreadable_recomputes(tmp_path):
+    off = ev.Memo(None)
+    off.put("k", [1])
+    assert off.get("k", "x") is None and not list(tmp_path.iterdir())
+    memo = ev.Memo(tmp_path)
+    (tmp_path / "k.json").write_text('[{"chosen_logp": -1.2')  # a run killed mid-write by hand
+    assert memo.get("k", "x") is None and memo.hits == []
