@@ -6,8 +6,9 @@
 Arms, each in its own process, same base model (models/base), same rows (data/split/train.jsonl), same
 LoRA r/alpha/targets, same steps, batch size and learning rate:
 - qatune:   what stages/sft.py builds from params.yaml (qatune.trainer_setup + qatune.train helpers):
-            precision auto (bf16 autocast on AVX512-BF16/AMX CPUs), no activation checkpointing,
-            group_by_length batches, assistant-only loss through qatune's marked ChatML template.
+            precision auto (bf16 autocast on AVX512-BF16/AMX CPUs, fp32 elsewhere), activation
+            checkpointing as train.activation_checkpointing says (on), group_by_length batches,
+            assistant-only loss through qatune's marked ChatML template.
 - trl:      SFTConfig() as TRL 1.16 documents it: bf16=True (TRL's own default), activation checkpointing
             on (TRL's default), random batches padded to the longest, no packing; prompt/completion rows,
             so TRL's default completion-only loss trains on the same answer tokens as qatune's.

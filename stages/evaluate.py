@@ -275,8 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     answers = generate(model, tokenizer, everything, cfg, keys, memo)
     timings["generate_s"] = round(time.perf_counter() - t0, 1)
+    generated = [m for m in answers if f"{m} answers" not in memo.hits]  # reused answers cost no time
     new_tokens = sum(
-        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for m in answers for a in answers[m][0]
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for m in generated for a in answers[m][0]
     )
     timings["generated_tokens_per_s"] = round(new_tokens / max(timings["generate_s"], 1e-9), 1)
 
