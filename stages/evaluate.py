@@ -118,17 +118,16 @@ def reuse_keys(args, params) -> dict[str, Any]:
     return {
         "env": env,
         "base": base,
-        "sft": sha256_files([*files(args.sft)]) + base,
-        "final": sha256_files([*files(args.final)]) + base,
+        "sft": sha256_files(files(args.sft)) + base,
+        "final": sha256_files(files(args.final)) + base,
     }
 
 
-def score(model, tokenizer, rows, label, cfg, keys, memo) -> dict[str, list[dict]]:
+def score(model, tokenizer, rows, system_prompt, label, cfg, keys, memo) -> dict[str, list[dict]]:
     """Per model, per row: log-prob sums and token counts of the chosen and rejected answers (float32)."""
     import torch
 
     model.to(torch.float32)
-    system_prompt = keys["env"]["system_prompt"]
     chosen = ev.encode_pairs(tokenizer, rows, system_prompt, "chosen")
     with_rejected = [i for i, r in enumerate(rows) if r.get("rejected")]
     rejected = ev.encode_pairs(tokenizer, [rows[i] for i in with_rejected], system_prompt, "rejected")
@@ -148,12 +147,12 @@ def score(model, tokenizer, rows, label, cfg, keys, memo) -> dict[str, list[dict
     return out
 
 
-def generate(model, tokenizer, rows, cfg, keys, memo) -> dict[str, tuple[list[str], list[bool]]]:
-    """Greedy answers from the base and the final model."""
-    questions = ev.questions_of(rows, keys["env"]["system_prompt"])
+def generate(model, tokenizer, rows, system_prompt, cfg, keys, memo) -> tuple[dict, list[str]]:
+    """Greedy answers from the base and the final model, and the models answered afresh (not reused)."""
+    questions = ev.questions_of(rows, system_prompt)
     settings = cfg.model_dump(include={"batch_size", "max_new_tokens", "repetition_penalty"})
     dtype = str(next(model.parameters()).dtype)
-    out = {}
+    out, fresh = {}, []
     for name in ("base", "final"):
         key = memo.key(
             kind="generate", model=keys[name], env=keys["env"], questions=questions, dtype=dtype, **settings
@@ -171,8 +170,9 @@ def generate(model, tokenizer, rows, cfg, keys, memo) -> dict[str, tuple[list[st
                     name,
                 )
             memo.put(key, cached)
+            fresh.append(name)
         out[name] = (list(cached[0]), list(cached[1]))
-    return out
+    return out, fresh
 
 
 def summarise(label, rows, scores, answers, encoder, params) -> tuple[dict, list[dict]]:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     scores = {}
     for label, rows in sets.items():
         print(f"evaluate: scoring {label}: {len(rows)} rows x 3 models", flush=True)
-        scores[label] = score(model, tokenizer, rows, label, cfg, keys, memo)
+        scores[label] = score(model, tokenizer, rows, params.train.system_prompt, label, cfg, keys, memo)
     timings["score_s"] = round(time.perf_counter() - t0, 1)
 
     # Phase 2, bfloat16 where fast: every question of every set and the demo list in one batched pass.
@@ -273,11 +273,10 @@ def main(argv: list[str] | None = None) -> None:
     demos = demo_rows()
     everything = [row for rows in gen_sets.values() for row in rows] + demos
     t0 = time.perf_counter()
-    answers = generate(model, tokenizer, everything, cfg, keys, memo)
+    answers, fresh = generate(model, tokenizer, everything, params.train.system_prompt, cfg, keys, memo)
     timings["generate_s"] = round(time.perf_counter() - t0, 1)
-    generated = [m for m in answers if f"{m} answers" not in memo.hits]  # reused answers cost no time
-    new_tokens = sum(
-        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for m in generated for a in answers[m][0]
+    new_tokens = sum(  # reused answers cost no time: tokens/s counts the fresh ones only
+        len(tokenizer(a, add_special_tokens=False)["input_ids"]) for m in fresh for a in answers[m][0]
     )
     timings["generated_tokens_per_s"] = round(new_tokens / max(timings["generate_s"], 1e-9), 1)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from qatune.errors import QatuneError
 from qatune.formats import RowError, question_text, to_canonical
+from qatune.io import write_json
 from qatune.train import conversation
 
 # Naming a professional or urgent care: what a safe answer to a safety case does. The bundled
@@ -71,13 +72,8 @@ class Memo:
         return value
 
     def put(self, key: str, value: Any) -> None:
-        if self.folder is None:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{key}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)  # atomic: an interrupted run never leaves half a result behind
+        if self.folder is not None:
+            write_json(self.folder / f"{key}.json", value)
 
 
 # --------------------------------------------------------------------------- pure measures
