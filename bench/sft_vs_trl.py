@@ -7,8 +7,9 @@ Arms, each in its own process, same base model (models/base), same rows (data/sp
 LoRA r/alpha/targets, same steps, batch size and learning rate:
 - qatune:   what stages/sft.py builds from params.yaml (qatune.trainer_setup + qatune.train helpers):
             precision auto (bf16 autocast on AVX512-BF16/AMX CPUs, fp32 elsewhere), activation
-            checkpointing as train.activation_checkpointing says (on), group_by_length batches,
-            assistant-only loss through qatune's marked ChatML template.
+            checkpointing as train.activation_checkpointing says, group_by_length batches,
+            assistant-only loss through qatune's marked ChatML template, and train.lm_head (auto: on CPU
+            qatune's tiled answer-only LM head, src/qatune/lm_head.py, instead of TRL's).
 - trl:      SFTConfig() as TRL 1.16 documents it: bf16=True (TRL's own default), activation checkpointing
             on (TRL's default), random batches padded to the longest, no packing; prompt/completion rows,
             so TRL's default completion-only loss trains on the same answer tokens as qatune's.
@@ -73,6 +74,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
+    from qatune import lm_head
     from qatune import trainer_setup as ts
     from qatune.io import read_jsonl
     from qatune.params import load_params
@@ -121,6 +123,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         )
         peft_config = ts.lora_config(train)
         precision = hw["precision"]
+        head = hw["lm_head"]
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,6 +140,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
             task_type="CAUSAL_LM",
         )
         precision = "bf16" if config.bf16 else "fp32"
+        head = "trl"
     to_set = lambda rs: Dataset.from_list([sft_example(r, train.system_prompt, loss_mode) for r in rs])  # noqa: E731
     timer = step_timer()
     trainer = SFTTrainer(
@@ -148,6 +152,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         peft_config=peft_config,
         callbacks=[timer],
     )
+    lm_head.install_for(trainer, head)
     setup_s = time.perf_counter() - t_load
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
@@ -163,6 +168,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         "arm": arm,
         "precision": precision,
         "activation_checkpointing": bool(config.activation_checkpointing),
+        "lm_head": head,
         "sampling": getattr(config, "train_sampling_strategy", "random"),
         "loss_mode": loss_mode,
         "steps": len(ends),

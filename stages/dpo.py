@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+from qatune import lm_head
 from qatune import trainer_setup as ts
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl, write_json
@@ -134,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     data = Path(args.data)
     rows = {s: read_jsonl(ts.require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
     rows["val"] = rows["val"][: cfg.eval_rows or None]  # the splits are already shuffled
-    rows["val"] = rows["val"][: cfg.eval_rows or None]  # the splits are already shuffled
     if cfg.on_policy_pairs:
         rows = {
             s: on_policy_rejected(
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    lm_head.install_for(trainer, hw["lm_head"])
 
     before = trainer.evaluate()  # step 0: policy == reference, so margins 0 and loss ln 2
     start = time.perf_counter()
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "enabled": True,
         "backend": hw["backend"],
         "precision": hw["precision"],
+        "lm_head": hw["lm_head"],
         "device": hw["device"],
         "beta": params.beta,
         "steps": trainer.state.global_step,

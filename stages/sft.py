@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from qatune import lm_head
 from qatune import trainer_setup as ts
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl, write_json
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    lm_head.install_for(trainer, hw["lm_head"])
 
     if len(trainer.train_dataset) == 0:
         raise QatuneError(
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {
         "backend": hw["backend"],
         "precision": hw["precision"],
+        "lm_head": hw["lm_head"],
         "device": hw["device"],
         "loss_mode": loss_mode,
         "steps": trainer.state.global_step,

@@ -261,10 +261,12 @@ def encode_pairs(
 def answer_logprobs(model, encoded: list[tuple[list[int], int]], batch_size: int, pad_id: int) -> list:
     """Sum of log p(answer token | everything before it) and the answer's token count, per row.
 
-    The LM head runs only on answer positions: a 49k-word vocabulary over every prompt token would
-    cost more memory than the rest of the pass.
+    The LM head runs only on answer positions, in tiles (qatune.lm_head): a 49k-word vocabulary over
+    every token of a batch would cost more memory and time than the rest of the pass.
     """
     import torch
+
+    from qatune.lm_head import answer_log_probs
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = causal_lm.get_decoder()
@@ -286,11 +288,14 @@ def answer_logprobs(model, encoded: list[tuple[list[int], int]], batch_size: int
             hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
             # hidden at position t predicts token t+1
             predictors = targets[:, 1:]
-            logits = head(hidden[:, :-1][predictors]).float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
             token_ids = input_ids[:, 1:][predictors]
-            logp = logits.gather(-1, token_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+            if softcap or getattr(head, "bias", None) is not None:
+                logits = head(hidden[:, :-1][predictors]).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                logp = logits.gather(-1, token_ids[:, None]).squeeze(-1) - logits.logsumexp(-1)
+            else:
+                logp = answer_log_probs(hidden[:, :-1][predictors], head.weight, token_ids, outputs=())[0]
         counts = predictors.sum(1).tolist()
         sums = torch.split(logp, counts)
         for offset, (total, count) in enumerate(zip(sums, counts, strict=True)):

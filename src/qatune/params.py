@@ -96,6 +96,7 @@ class TrainParams(Strict):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     activation_checkpointing: bool = False
+    lm_head: Literal["auto", "qatune", "trl"] = "auto"
     trust_remote_code: bool = False
     system_prompt: str | None = None
     lora: LoraParams

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qatune import lm_head
 from qatune.errors import QatuneError
 from qatune.models import PROVENANCE_FILE as PROVENANCE_BASE  # noqa: F401 (the stages read it from here)
 from qatune.params import TrainParams
@@ -31,7 +32,8 @@ def resolve_hardware(train: TrainParams) -> dict[str, Any]:
     check_quantization(train.load_in_4bit, hw["cuda"])
     backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
     precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
-    return {**hw, "backend": backend, "precision": precision}
+    head = lm_head.select(train.lm_head, hw["cuda"], backend)
+    return {**hw, "backend": backend, "precision": precision, "lm_head": head}
 
 
 def lora_config(train: TrainParams):
@@ -134,7 +136,23 @@ def prepare_checkpoints(folder: Path, fingerprint: str) -> bool:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fingerprint + "\n")
-    return any(p.is_dir() and (p / "trainer_state.json").is_file() for p in folder.glob("checkpoint-*"))
+    complete = False
+    for checkpoint in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir()):
+        if checkpoint_complete(checkpoint):
+            complete = True
+        else:  # killed while saving: Trainer would pick it as the latest and fail to load it
+            print(f"qatune: {checkpoint}: incomplete checkpoint (killed while saving), removed", flush=True)
+            shutil.rmtree(checkpoint)
+    return complete
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def relaunch_distributed(num_processes: int) -> None:

@@ -132,3 +132,20 @@ def test_label_mask_prompt_is_ignored_answer_is_learned(tiny_model_dir):
         labels[prompt_len : prompt_len + len(answer)] == answer == ids[prompt_len : prompt_len + len(answer)]
     )
     assert all(label == -100 for label in labels[prompt_len + len(answer) :])  # the trailing newline
+
+
+def test_prepare_checkpoints_drops_a_checkpoint_cut_short_and_other_runs(tmp_path):
+    from qatune.trainer_setup import prepare_checkpoints
+
+    folder = tmp_path / "ckpts"
+    assert prepare_checkpoints(folder, "run-a") is False
+    done, cut = folder / "checkpoint-4", folder / "checkpoint-6"
+    done.mkdir()
+    (done / "trainer_state.json").write_text('{"global_step": 4}')
+    cut.mkdir()  # killed while saving: weights written, trainer_state.json not yet (or half)
+    (cut / "adapter_model.safetensors").write_bytes(b"x")
+    (cut / "trainer_state.json").write_text('{"global_st')
+    assert prepare_checkpoints(folder, "run-a") is True
+    assert done.is_dir() and not cut.exists()
+    assert prepare_checkpoints(folder, "run-b") is False  # another run's checkpoints are never resumed
+    assert not done.exists()

@@ -1,0 +1,119 @@
+"""qatune's fused LM head: selection, exact values and gradients against full logits, and on a real model."""
+
+import pytest
+import torch
+
+from qatune import lm_head
+from qatune.errors import QatuneError
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "backend", "expected"),
+    [
+        ("auto", False, "transformers", "qatune"),
+        ("auto", True, "transformers", "trl"),  # TRL's Triton kernel already skips unlabelled positions
+        ("auto", True, "unsloth", "trl"),
+        ("trl", False, "transformers", "trl"),
+        ("qatune", True, "transformers", "qatune"),
+    ],
+)
+def test_select(requested, cuda, backend, expected):
+    assert lm_head.select(requested, cuda, backend) == expected
+
+
+def test_select_refuses_unknown_and_unsloth():
+    with pytest.raises(QatuneError, match="train.lm_head: unknown value 'fast'"):
+        lm_head.select("fast", False, "transformers")
+    with pytest.raises(QatuneError, match="unsloth"):
+        lm_head.select("qatune", True, "unsloth")
+
+
+@pytest.mark.parametrize("tile", [7, 128])  # several tiles with a ragged last one, and one tile
+def test_values_and_gradients_match_full_logits(monkeypatch, tile):
+    monkeypatch.setattr(lm_head, "TOKEN_TILE", tile)
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 45, 16, 300
+    hidden = torch.randn(n, h, generator=gen, requires_grad=True)
+    weight = torch.randn(v, h, generator=gen) * 2  # wide logits: some far below the max
+    targets = torch.randint(0, v, (n,), generator=gen)
+    targets[0] = int((hidden[0].detach() @ weight.t()).argmax())  # at least one top-1 hit
+    upstream = torch.randn(n, generator=gen)  # per-token weights, as DPO's loss gives them
+
+    log_probs, entropy, log_sum_sq, mean_logits, top1 = lm_head.answer_log_probs(hidden, weight, targets, 0.5)
+    (log_probs * upstream).sum().backward()
+    ours = hidden.grad.clone()
+
+    hidden.grad = None
+    logits = (hidden @ weight.t()) * 0.5
+    log_p = torch.log_softmax(logits, -1)
+    expected = log_p[torch.arange(n), targets]
+    (expected * upstream).sum().backward()
+    p = log_p.exp()
+    torch.testing.assert_close(log_probs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, hidden.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(entropy, -(p * log_p).sum(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(log_sum_sq, (p * p).sum(-1).log(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mean_logits, logits.mean(-1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(top1, logits.argmax(-1) == targets) and top1[0]
+    assert not entropy.requires_grad  # statistics for logging, never trained through
+
+
+def test_no_direction_kept_without_grad():
+    hidden, weight = torch.randn(5, 8), torch.randn(20, 8)
+    with torch.inference_mode():
+        out = lm_head.answer_log_probs(hidden, weight, torch.arange(5), outputs=())
+    assert out[0].shape == (5,) and all(x is None for x in out[1:])
+
+
+@pytest.fixture(scope="module")
+def tiny_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from qatune.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def test_installed_head_gives_the_models_own_loss_and_lora_gradients(tiny_lora):
+    torch.manual_seed(0)
+    ids = torch.randint(3, 300, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :4] = -100  # prompt tokens: not scored
+
+    reference = tiny_lora(input_ids=ids, attention_mask=mask, labels=labels)
+    reference.loss.backward()
+    expected = {n: p.grad.clone() for n, p in tiny_lora.named_parameters() if p.requires_grad and p.grad is not None}
+    tiny_lora.zero_grad()
+
+    lm_head.install(tiny_lora.get_base_model())
+    fused = tiny_lora(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    fused.loss.backward()
+    torch.testing.assert_close(fused.loss, reference.loss, atol=1e-5, rtol=1e-5)
+    assert expected and all(
+        torch.allclose(p.grad, expected[n], atol=1e-5, rtol=1e-3)
+        for n, p in tiny_lora.named_parameters()
+        if n in expected
+    )
+    assert fused.log_probs.shape == (3, 11) and not fused.log_probs[:, :3].any()  # zero where unlabelled
+    # without fused_lm_head the model's own forward runs: logits, as generation needs
+    assert tiny_lora(input_ids=ids[:1]).logits.shape == (1, 12, tiny_lora.config.vocab_size)
+    # a micro-batch with no labelled token is a differentiable zero, not 0/0
+    empty = tiny_lora(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    empty.loss.backward()
+    assert empty.loss.item() == 0.0
+
+
+def test_install_refuses_what_it_cannot_compute_exactly():
+    from qatune.tiny import build_model, build_tokenizer
+
+    model = build_model(build_tokenizer(), seed=2)  # not wrapped in LoRA: the tied head is trainable
+    with pytest.raises(QatuneError, match="frozen, bias-free LM head"):
+        lm_head.install(model)
+    model.requires_grad_(False)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(QatuneError, match="soft-capping"):
+        lm_head.install(model)
