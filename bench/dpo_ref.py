@@ -33,6 +33,7 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
+    from qatune import lm_head
     from qatune import trainer_setup as ts
     from qatune.io import read_jsonl
     from qatune.params import load_params
@@ -71,9 +72,10 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     )
     config.disable_tqdm = True
     start, cpu0 = time.perf_counter(), time.process_time()
-    trainer = DPOTrainer(
-        model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tok
-    )
+    with lm_head.in_trl_trainers(hw["lm_head"]):  # as stages/dpo.py: the precompute pass uses it too
+        trainer = DPOTrainer(
+            model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tok
+        )
     built = time.perf_counter()
     result = trainer.train()
     end, cpu1 = time.perf_counter(), time.process_time()
@@ -82,6 +84,8 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     return {
         "arm": arm,
         "precision": hw["precision"],
+        "lm_head": hw["lm_head"],
+        "activation_checkpointing": train.activation_checkpointing,
         "pairs": len(rows),
         "epochs": epochs,
         "steps": trainer.state.global_step,
@@ -125,9 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     pre, rec = results["precompute"], results["recompute"]
     speedup = round(rec["total_s"] / pre["total_s"], 2)
     speedup_cpu = round(rec["total_cpu_s"] / pre["total_cpu_s"], 2)
-    # Expected from the work alone: a policy step is ~4N/token and a reference forward ~2N, so per pair-pass
-    # recompute costs 6 units and precompute 4 + 2/epochs.
-    expected = round(6 / (4 + 2 / args.epochs), 2)
+    # Expected from the work alone: a policy step is ~4N/token (6N with activation checkpointing's second
+    # forward) and a reference forward ~2N, so per pair-pass recompute costs policy + 2 units and precompute
+    # policy + 2/epochs.
+    policy = 6 if pre["activation_checkpointing"] else 4
+    expected = round((policy + 2) / (policy + 2 / args.epochs), 2)
     out = {
         "machine": info,
         "loadavg_after": common.machine()["loadavg_1_5_15"],

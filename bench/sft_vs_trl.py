@@ -14,6 +14,8 @@ LoRA r/alpha/targets, same steps, batch size and learning rate:
             on (TRL's default), random batches padded to the longest, no packing; prompt/completion rows,
             so TRL's default completion-only loss trains on the same answer tokens as qatune's.
 - trl-fp32: the same with bf16=False: the plain fp32 trainer most tutorials start from.
+- qatune-flip-ckpt: qatune with train.activation_checkpointing flipped (not in the default set): the other
+            side of the speed / memory trade-off, measured in the same run.
 Measured: real (non-padding) tokens/s over the training steps (model loading, tokenising and the
 first step excluded: see `steady`), the same including step 1, peak RSS of the arm's process, the
 mean training loss over the run (different batches per arm: informational) and the eval loss on the same
@@ -31,7 +33,7 @@ import time
 
 import _common as common
 
-ARMS = ("qatune", "trl", "trl-fp32")
+ARMS = ("qatune", "qatune-flip-ckpt", "trl", "trl-fp32")
 
 
 class Counter:
@@ -101,7 +103,9 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         disable_tqdm=True,
     )
     t_load = time.perf_counter()
-    if arm == "qatune":
+    if arm.startswith("qatune"):
+        if arm == "qatune-flip-ckpt":  # the other side of the speed / memory trade-off
+            train = train.model_copy(update={"activation_checkpointing": not train.activation_checkpointing})
         hw = ts.resolve_hardware(train)
         model, tok = ts.load_base("models/base", train, hw, cfg.max_length)
         tok.chat_template, loss_mode = chat_template_for_training(tok.chat_template)
@@ -143,16 +147,16 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         head = "trl"
     to_set = lambda rs: Dataset.from_list([sft_example(r, train.system_prompt, loss_mode) for r in rs])  # noqa: E731
     timer = step_timer()
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=to_set(rows),
-        eval_dataset=to_set(val),
-        processing_class=tok,
-        peft_config=peft_config,
-        callbacks=[timer],
-    )
-    lm_head.install_for(trainer, head)
+    with lm_head.in_trl_trainers(head):
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=to_set(rows),
+            eval_dataset=to_set(val),
+            processing_class=tok,
+            peft_config=peft_config,
+            callbacks=[timer],
+        )
     setup_s = time.perf_counter() - t_load
     counter = Counter(trainer.data_collator)
     trainer.data_collator = counter
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per arm (same for every arm)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    parser.add_argument("--arms", default="qatune,trl,trl-fp32", help=f"comma-separated subset of {ARMS}")
     parser.add_argument("--params", default="params.yaml", help="params file (its sft and train blocks)")
     parser.add_argument("--eval-rows", type=int, default=16, help="val rows scored after training, per arm")
     parser.add_argument("--tolerance", type=float, default=0.1, help="max |loss difference| in nats")
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios = {}
     if q:
         for a, r in results.items():
-            if a == "qatune":
+            if a.startswith("qatune"):
                 continue
             ratios[a] = {
                 "tokens_per_s": round(q["tokens_per_s"] / r["tokens_per_s"], 2),
@@ -255,6 +259,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         if "trl-fp32" in ratios and ref != "trl-fp32":
             summary += f"; vs trl-fp32 {ratios['trl-fp32']['tokens_per_s']}x"
+        if flip := results.get("qatune-flip-ckpt"):
+            ckpt = "on" if flip["activation_checkpointing"] else "off"
+            summary += (
+                f"; qatune with activation checkpointing {ckpt}: {flip['tokens_per_s']} tok/s "
+                f"({flip['tokens_per_s'] / results[ref]['tokens_per_s']:.2f}x), {flip['peak_rss_gb']} GB"
+            )
     else:
         summary = "sft_vs_trl: " + json.dumps({a: r["tokens_per_s"] for a, r in results.items()})
     common.save("sft_vs_trl", out, summary)

@@ -195,16 +195,16 @@ def main(argv: list[str] | None = None) -> None:
         truncation_mode="keep_start",
     )
     callbacks = []
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=config,
-        train_dataset=sets["train"],
-        eval_dataset=sets["val"],
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-    lm_head.install_for(trainer, hw["lm_head"])
+    with lm_head.in_trl_trainers(hw["lm_head"]):
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=config,
+            train_dataset=sets["train"],
+            eval_dataset=sets["val"],
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
 
     before = trainer.evaluate()  # step 0: policy == reference, so margins 0 and loss ln 2
     start = time.perf_counter()

@@ -111,16 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         peft_config = ts.lora_config(train)
     callbacks = [EarlyStoppingCallback(cfg.early_stopping_patience)] if cfg.early_stopping_patience else []
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=sets["train"],
-        eval_dataset=sets["val"],
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    lm_head.install_for(trainer, hw["lm_head"])
+    with lm_head.in_trl_trainers(hw["lm_head"]):
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=sets["train"],
+            eval_dataset=sets["val"],
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
 
     if len(trainer.train_dataset) == 0:
         raise QatuneError(

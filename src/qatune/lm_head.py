@@ -22,6 +22,7 @@ approximating them; `select` decides when it is used (unit-tested).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from typing import Any
@@ -43,7 +44,9 @@ def select(requested: str, cuda: bool, backend: str) -> str:
     if requested not in ("auto", "qatune", "trl"):
         raise QatuneError(f"train.lm_head: unknown value '{requested}' (auto, qatune, trl)")
     if requested == "qatune" and backend == "unsloth":
-        raise QatuneError("train.lm_head: qatune's head does not apply to the unsloth backend; use auto or trl")
+        raise QatuneError(
+            "train.lm_head: qatune's head does not apply to the unsloth backend; use auto or trl"
+        )
     if requested == "auto":
         return "trl" if cuda or backend == "unsloth" else "qatune"
     return requested
@@ -56,7 +59,9 @@ class AnswerLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, scale: float, outputs: tuple[str, ...]):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        dtype = (
+            torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
+        )
         want_grad = ctx.needs_input_grad[0]
         w = weight.to(dtype)
         log_probs = torch.empty(n_tokens, device=device, dtype=torch.float32)
@@ -129,12 +134,16 @@ def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
         raise QatuneError("train.lm_head: qatune's head has no logit soft-capping; set train.lm_head: trl")
     head = model.get_output_embeddings()
     if head.weight.requires_grad or getattr(head, "bias", None) is not None:
-        raise QatuneError("train.lm_head: qatune's head needs a frozen, bias-free LM head; set train.lm_head: trl")
+        raise QatuneError(
+            "train.lm_head: qatune's head needs a frozen, bias-free LM head; set train.lm_head: trl"
+        )
     scale = float(getattr(config, "logit_scale", None) or 1.0)
     original = type(model).forward
 
     @functools.wraps(original)
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+    def forward(
+        self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs
+    ):
         if not fused_lm_head:
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
             return original(self, *args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
@@ -145,11 +154,15 @@ def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
         else:
             labels = shift_labels
         mask = labels != -100
-        per_token = answer_log_probs(hidden[mask], self.get_output_embeddings().weight, labels[mask], scale, outputs)
+        per_token = answer_log_probs(
+            hidden[mask], self.get_output_embeddings().weight, labels[mask], scale, outputs
+        )
         # masked_scatter keeps an all-masked micro-batch connected to the graph (a differentiable zero)
         full = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token]
         log_probs = full[0]
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        loss = -log_probs.sum() / (
+            mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        )
         return FusedCausalLMOutput(
             loss=loss,
             log_probs=log_probs,
@@ -163,11 +176,40 @@ def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
     model.forward = types.MethodType(forward, model)
 
 
-def install_for(trainer, choice: str) -> dict[str, Any]:
-    """Put qatune's head on a constructed TRL trainer's model when `choice` says so; returns what was done."""
+@contextlib.contextmanager
+def in_trl_trainers(choice: str):
+    """While TRL's SFT and DPO trainers are built, have them add qatune's head instead of their own.
+
+    The trainers add their fused head in __init__, and the DPO trainer precomputes the reference
+    log-probs there too, so the head has to be in place during construction, not put on afterwards.
+    """
+    if choice != "qatune":
+        yield
+        return
+    import trl.trainer.dpo_trainer as dpo_module
+    import trl.trainer.sft_trainer as sft_module
+
+    def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if temperature != 1.0:
+            raise QatuneError(
+                "train.lm_head: qatune's head has no sampling temperature; set train.lm_head: trl"
+            )
+        install(model, tuple(outputs))  # fp32 throughout already: cast_lm_head_to_fp32 changes nothing
+
+    modules = (sft_module, dpo_module)
+    saved = [m.add_fused_lm_head for m in modules]
+    for m in modules:
+        m.add_fused_lm_head = add_fused_lm_head
+    try:
+        yield
+    finally:
+        for m, original in zip(modules, saved, strict=True):
+            m.add_fused_lm_head = original
+
+
+def install_for(trainer, choice: str) -> dict[str, Any]:  # TEMP: in use by a running benchmark
     if choice != "qatune":
         return {"lm_head": "trl"}
     model = trainer.model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    install(base)
+    install(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return {"lm_head": "qatune", "token_tile": TOKEN_TILE}

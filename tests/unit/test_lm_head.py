@@ -86,7 +86,9 @@ def test_installed_head_gives_the_models_own_loss_and_lora_gradients(tiny_lora):
 
     reference = tiny_lora(input_ids=ids, attention_mask=mask, labels=labels)
     reference.loss.backward()
-    expected = {n: p.grad.clone() for n, p in tiny_lora.named_parameters() if p.requires_grad and p.grad is not None}
+    expected = {
+        n: p.grad.clone() for n, p in tiny_lora.named_parameters() if p.requires_grad and p.grad is not None
+    }
     tiny_lora.zero_grad()
 
     lm_head.install(tiny_lora.get_base_model())
@@ -102,7 +104,9 @@ def test_installed_head_gives_the_models_own_loss_and_lora_gradients(tiny_lora):
     # without fused_lm_head the model's own forward runs: logits, as generation needs
     assert tiny_lora(input_ids=ids[:1]).logits.shape == (1, 12, tiny_lora.config.vocab_size)
     # a micro-batch with no labelled token is a differentiable zero, not 0/0
-    empty = tiny_lora(input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100), fused_lm_head=True)
+    empty = tiny_lora(
+        input_ids=ids, attention_mask=mask, labels=torch.full_like(ids, -100), fused_lm_head=True
+    )
     empty.loss.backward()
     assert empty.loss.item() == 0.0
 
@@ -117,3 +121,50 @@ def test_install_refuses_what_it_cannot_compute_exactly():
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(QatuneError, match="soft-capping"):
         lm_head.install(model)
+
+
+def test_trl_trainers_built_inside_the_context_use_qatunes_head(tmp_path, monkeypatch):
+    """TRL adds its head (and DPO precomputes reference log-probs) in __init__: the swap must cover it."""
+    import trl.trainer.dpo_trainer as dpo_module
+    import trl.trainer.sft_trainer as sft_module
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from qatune.tiny import build_model, build_tokenizer
+
+    calls = []
+    real_apply = lm_head.AnswerLogProbs.apply
+    monkeypatch.setattr(
+        lm_head.AnswerLogProbs, "apply", lambda *a: calls.append(a[0].shape) or real_apply(*a)
+    )
+    originals = (sft_module.add_fused_lm_head, dpo_module.add_fused_lm_head)
+    tok = build_tokenizer()
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "how much protein"}],
+            "completion": [{"role": "assistant", "content": "about 1.6 g per kg"}],
+        }
+    ] * 4
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=["none"],
+        bf16=False,
+    )
+    with lm_head.in_trl_trainers("qatune"):
+        assert sft_module.add_fused_lm_head is not originals[0]
+        trainer = SFTTrainer(
+            model=build_model(tok, seed=3),
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+        )
+    assert (sft_module.add_fused_lm_head, dpo_module.add_fused_lm_head) == originals  # restored
+    trainer.train()
+    assert calls and trainer.state.log_history[-1]["train_loss"] > 0
+    with lm_head.in_trl_trainers("trl"):  # the other choice leaves TRL alone
+        assert sft_module.add_fused_lm_head is originals[0]
