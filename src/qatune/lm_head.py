@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import types
-from typing import Any
 
 import torch
 
@@ -205,11 +204,3 @@ def in_trl_trainers(choice: str):
     finally:
         for m, original in zip(modules, saved, strict=True):
             m.add_fused_lm_head = original
-
-
-def install_for(trainer, choice: str) -> dict[str, Any]:  # TEMP: in use by a running benchmark
-    if choice != "qatune":
-        return {"lm_head": "trl"}
-    model = trainer.model
-    install(model.get_base_model() if hasattr(model, "get_base_model") else model)
-    return {"lm_head": "qatune", "token_tile": TOKEN_TILE}

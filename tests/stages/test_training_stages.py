@@ -50,6 +50,7 @@ def test_sft_then_dpo(project):
     stage(proj, "sft")
     sft = json.loads((proj / "metrics/sft.json").read_text())
     assert sft["steps"] == 4 and sft["loss_mode"] == "assistant_only" and sft["backend"] == "transformers"
+    assert sft["lm_head"] == "qatune"  # CPU: the tiled answer-only head (tests/unit/test_lm_head.py)
     assert sft["eval_perplexity"] == pytest.approx(math.exp(sft["eval_loss"]), rel=1e-3)
     assert sft["tokens_per_s"] > 0 and sft["peak_rss_gb"] > 0
     assert lora_b_norm(proj / "models/sft") > 0  # LoRA B starts at zero: training moved it
@@ -63,7 +64,9 @@ def test_sft_then_dpo(project):
 
     stage(proj, "dpo")
     dpo = json.loads((proj / "metrics/dpo.json").read_text())
-    # The reference is the SFT model: at step 0 policy == reference.
+    # The reference is the SFT model: at step 0 policy == reference (reference log-probs precomputed through
+    # the same head as the policy's).
+    assert dpo["lm_head"] == "qatune"
     assert dpo["eval_before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
     assert dpo["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert set(TABLE) <= set(dpo["train"]) and all(dpo["train"][k] is not None for k in TABLE)
