@@ -34,10 +34,14 @@ else
 fi
 git log -1 --format='bench/pipeline.sh: commit %h %s' 
 
-measure() {  # name, command...: wall seconds and peak RSS (KiB) into $name.time
+STAMP='import sys, time
+for line in sys.stdin:
+    print(f"{time.time():.1f} {line}", end="", flush=True)'
+
+measure() {  # name, command...: wall seconds and peak RSS (KiB) into $name.time, time-stamped output in $name.log
   local name=$1; shift
   echo "bench/pipeline.sh: $name: $* (load $(cut -d' ' -f1-3 /proc/loadavg))"
-  "$TIME" -v -o "$DIR/$name.time" "$@"
+  "$TIME" -v -o "$DIR/$name.time" "$@" > >(python -u -c "$STAMP" | tee "$DIR/$name.log") 2>&1
 }
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -58,7 +62,15 @@ def parse(name):
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
     return {"wall_s": round(seconds, 1), "wall_min": round(seconds / 60, 2), "peak_rss_gb": round(rss_kb / 1024**2, 3)}
 
+def stages(name):
+    """Seconds from each `Running stage` line to the next one (or the last line): per-stage wall time."""
+    lines = [line.split(" ", 1) for line in Path(folder, f"{name}.log").read_text().splitlines() if " " in line]
+    starts = [(float(t), m.group(1)) for t, text in lines if (m := re.search(r"Running stage '([^']+)'", text))]
+    end = float(lines[-1][0]) if lines else 0.0
+    return {stage: round(nxt - t, 1) for (t, stage), nxt in zip(starts, [s for s, _ in starts[1:]] + [end])}
+
 full, beta = parse("repro"), parse("beta_exp")
+full["stages_s"], beta["stages_s"] = stages("repro"), stages("beta_exp")
 result = {
     "benchmark": "pipeline",
     "machine": {"cpu_count": os.cpu_count(), "loadavg_before": before, "loadavg_after": after},
