@@ -8,8 +8,8 @@ SmolLM2-135M (2 cores, fp32, batch 4 x 217 tokens) that head took half of each t
 
 This head keeps TRL's interface and its output type, and changes how the work is done:
 - only positions with a label are projected (answer tokens: prompts and padding cost nothing);
-- tiles of `TOKEN_TILE` tokens x the whole vocabulary (~12 MB for a 49k vocabulary), so the softmax passes
-  run in cache;
+- tiles of `TOKEN_TILE` tokens x the whole vocabulary (25 MB for a 49k vocabulary) instead of 512 MB ones,
+  so no pass over the logits ever touches more than a few tiles' worth of memory;
 - the head's weight is frozen (LoRA), so the forward pass also works out each token's gradient direction
   d log p / d hidden = (onehot - softmax) @ W and keeps it (tokens x hidden, small); the backward pass is
   one multiply, with no second projection of the vocabulary.
