@@ -99,7 +99,7 @@ def reuse_keys(args, params) -> dict[str, Any]:
     import torch
     import transformers
 
-    from qatune import train
+    from qatune import lm_head, train
 
     def files(folder: str) -> list[Path]:
         return sorted(p for p in Path(folder).rglob("*") if p.is_file())
@@ -109,7 +109,7 @@ def reuse_keys(args, params) -> dict[str, Any]:
         p for p in files(args.final) if p.name.startswith(("tokenizer", "special_tokens", "chat_"))
     ]
     env = {
-        "code": sha256_files([__file__, ev.__file__, train.__file__]),
+        "code": sha256_files([__file__, ev.__file__, train.__file__, lm_head.__file__]),
         "versions": [torch.__version__, transformers.__version__, peft.__version__],
         "hardware": train.hardware(),
         "tokenizer": sha256_files(tokenizer_files),
