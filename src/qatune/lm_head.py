@@ -64,9 +64,12 @@ class AnswerLogProbs(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         w = weight.to(dtype)
         log_probs = torch.empty(n_tokens, device=device, dtype=torch.float32)
-        stats = {name: torch.empty(n_tokens, device=device, dtype=torch.float32) for name in outputs[1:]}
-        if "is_top1" in stats:
-            stats["is_top1"] = torch.empty(n_tokens, device=device, dtype=torch.bool)
+        stats = {
+            name: torch.empty(
+                n_tokens, device=device, dtype=torch.bool if name == "is_top1" else torch.float32
+            )
+            for name in outputs[1:]
+        }
         direction = torch.empty(hidden.shape, device=device, dtype=torch.float32) if want_grad else None
         with torch.autocast(device.type, enabled=False):
             for start in range(0, n_tokens, TOKEN_TILE):
@@ -131,6 +134,12 @@ def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
     config = model.config.get_text_config()
     if getattr(config, "final_logit_softcapping", None) is not None:
         raise QatuneError("train.lm_head: qatune's head has no logit soft-capping; set train.lm_head: trl")
+    # Other families rescale their logits under other names (Granite, Falcon-H1, ...): refuse, never ignore
+    for name in ("logits_scaling", "lm_head_multiplier", "output_multiplier"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            raise QatuneError(
+                f"train.lm_head: qatune's head has no '{name}' logit scaling; set train.lm_head: trl"
+            )
     head = model.get_output_embeddings()
     if head.weight.requires_grad or getattr(head, "bias", None) is not None:
         raise QatuneError(

@@ -118,6 +118,10 @@ def test_install_refuses_what_it_cannot_compute_exactly():
     with pytest.raises(QatuneError, match="frozen, bias-free LM head"):
         lm_head.install(model)
     model.requires_grad_(False)
+    model.config.logits_scaling = 8.0
+    with pytest.raises(QatuneError, match="'logits_scaling' logit scaling"):
+        lm_head.install(model)
+    model.config.logits_scaling = None
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(QatuneError, match="soft-capping"):
         lm_head.install(model)
