@@ -2,6 +2,16 @@
 
 Pure functions: the stage supplies the rows and a token counter, so tests can run this on
 in-memory data with any tokenizer.
+
+Every input row is counted once, as kept or as one reject, so kept + dropped == read. Unpaired
+preference rows (format `unpaired`, TRL/KTO style: one completion with a true/false label) need the
+whole file: a bad completion is paired with a good completion of the same prompt (same
+formats.prompt_key) in the same file, in file order, one bad per good. The pair is kept on the good
+row's line (chosen = good, rejected = bad); the bad row is written to the rejects file with reason
+`merged_into_pair` and the kept pair's line and id, so it is accounted for and nothing is lost. A bad
+completion with no good partner left is rejected as `unpaired_bad_completion`: it needs KTO. A bad
+completion is never a `chosen` answer. If only the bad answer keeps a pair out (prompt + rejected too
+long), the bad row takes that reject and the good row is tried again alone.
 """
 
 from __future__ import annotations
@@ -14,7 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qatune.errors import QatuneError
-from qatune.formats import FORMATS, Record, RowError, dedup_key, detect_format, to_canonical
+from qatune.formats import (
+    FORMATS,
+    Record,
+    RowError,
+    dedup_key,
+    detect_format,
+    prompt_key,
+    to_canonical,
+    unpaired_completion,
+)
 
 # Counts the tokens of a chat (list of messages); `generation_prompt` adds the assistant header.
 TokenCounter = Callable[[list[dict], bool], int]
@@ -100,6 +119,90 @@ def _reject(env: dict[str, Any], reason: str, field_name: str | None, detail: st
     return out
 
 
+@dataclass
+class Pairing:
+    """How clean_rows merges unpaired rows (indices into the envelope list)."""
+
+    partner: dict[int, tuple[int, str]] = field(default_factory=dict)  # good -> (bad, bad completion)
+    merged: dict[int, int] = field(default_factory=dict)  # bad -> good
+    left_over: dict[int, str] = field(default_factory=dict)  # unpaired bad -> reject detail
+
+
+def pair_unpaired(envelopes: list[dict[str, Any]], formats: dict[str, str], max_field_chars: int) -> Pairing:
+    """Pair each label-false completion with an unused label-true one of the same prompt and file."""
+    groups: dict[tuple, tuple[list[tuple[int, str]], list[tuple[int, str]]]] = {}
+    for i, env in enumerate(envelopes):
+        if formats.get(env.get("source")) != "unpaired" or "record" not in env:
+            continue
+        try:
+            prompt, completion, label = unpaired_completion(env["record"], max_field_chars)
+        except RowError:
+            continue  # clean_rows rejects it with this reason
+        key = (env["source"], env.get("file"), prompt_key(prompt))
+        groups.setdefault(key, ([], []))[0 if label else 1].append((i, completion))
+    plan = Pairing()
+    for goods, bads in groups.values():
+        free = list(goods)
+        for bad, bad_text in bads:
+            good = next((g for g in free if g[1] != bad_text), None)
+            if good is None:
+                if goods:
+                    lines = ", ".join(str(envelopes[g]["line"]) for g, _ in goods)
+                    plan.left_over[bad] = (
+                        f"label is false (a bad completion); every good completion of its prompt (line {lines}) "
+                        "is already paired with an earlier bad one or has the same text: it needs KTO "
+                        "(dpo.method: kto, not built yet) and is never used as an answer"
+                    )
+                continue
+            free.remove(good)
+            plan.partner[good[0]] = (bad, bad_text)
+            plan.merged[bad] = good[0]
+    return plan
+
+
+class _Gate:
+    """The checks every candidate row passes, in order: duplicates, then token limits."""
+
+    def __init__(self, count_tokens: TokenCounter, max_prompt_length: int, max_length: int) -> None:
+        self.count_tokens = count_tokens
+        self.max_prompt_length = max_prompt_length
+        self.max_length = max_length
+        self.exact: dict[str, str] = {}
+        self.normalised: dict[str, str] = {}
+
+    def check(self, rec: Record, raw_key: str) -> tuple[str, str | None, str] | None:
+        """(reason, field, detail) if the row must be dropped, else None (and the row is remembered)."""
+        if raw_key in self.exact:
+            return "exact_duplicate", None, f"same row as id {self.exact[raw_key]}"
+        rec_id = record_id(rec)
+        if rec_id in self.normalised:
+            return "normalised_duplicate", None, f"same text as id {rec_id}"
+        prompt_tokens = self.count_tokens(rec["prompt"], True)
+        if prompt_tokens > self.max_prompt_length:
+            return (
+                "prompt_too_long",
+                "prompt",
+                f"prompt is {prompt_tokens} tokens (clean.max_prompt_length={self.max_prompt_length})",
+            )
+        answers = [("chosen", rec["chosen"])] + ([("rejected", rec["rejected"])] if rec["rejected"] else [])
+        for name, answer in answers:
+            total = self.count_tokens(rec["prompt"] + [{"role": "assistant", "content": answer}], False)
+            if total > self.max_length:
+                return (
+                    "too_long",
+                    name,
+                    f"prompt + {name} is {total} tokens (clean.max_length={self.max_length})",
+                )
+        self.exact[raw_key] = rec_id
+        self.normalised[rec_id] = rec_id
+        return None
+
+
+def _raw_key(*records: Any) -> str:
+    value = records[0] if len(records) == 1 else list(records)
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
 def clean_rows(
     envelopes: Iterable[dict[str, Any]],
     formats: dict[str, str],
@@ -111,63 +214,58 @@ def clean_rows(
     """Canonicalise, normalise, deduplicate and length-check rows from fetch.
 
     `formats` maps each source name to its format. Rows are processed in order, so the first of
-    several duplicates is the one kept.
+    several duplicates is the one kept; rejects are listed in input order.
     """
-    result = CleanResult()
-    exact: dict[str, str] = {}
-    normalised: dict[str, str] = {}
-    for env in envelopes:
-        result.read += 1
+    envelopes = list(envelopes)
+    plan = pair_unpaired(envelopes, formats, max_field_chars)
+    gate = _Gate(count_tokens, max_prompt_length, max_length)
+    result = CleanResult(read=len(envelopes))
+    rejects: dict[int, dict[str, Any]] = {}
+    for i, env in enumerate(envelopes):
         if "error" in env:
             reason, _, detail = env["error"].partition(": ")
-            result.rejects.append(_reject(env, reason, None, detail or reason))
+            rejects[i] = _reject(env, reason, None, detail or reason)
             continue
+        if i in plan.merged:
+            continue  # a bad completion: accounted for below, once its good partner is decided
         try:
             rec = to_canonical(env["record"], formats[env["source"]], max_field_chars)
         except RowError as err:
-            result.rejects.append(_reject(env, err.reason, err.field, err.detail))
+            rejects[i] = _reject(env, err.reason, err.field, plan.left_over.get(i, err.detail))
             continue
-        raw_key = json.dumps(env["record"], sort_keys=True, ensure_ascii=False, default=str)
-        if raw_key in exact:
-            result.rejects.append(_reject(env, "exact_duplicate", None, f"same row as id {exact[raw_key]}"))
-            continue
-        rec_id = record_id(rec)
-        if rec_id in normalised:
-            result.rejects.append(_reject(env, "normalised_duplicate", None, f"same text as id {rec_id}"))
-            continue
-        prompt_tokens = count_tokens(rec["prompt"], True)
-        if prompt_tokens > max_prompt_length:
-            result.rejects.append(
-                _reject(
-                    env,
-                    "prompt_too_long",
-                    "prompt",
-                    f"prompt is {prompt_tokens} tokens (clean.max_prompt_length={max_prompt_length})",
+        dropped = None
+        if i in plan.partner:
+            bad, bad_text = plan.partner[i]
+            pair = {**rec, "rejected": bad_text}
+            dropped = gate.check(pair, _raw_key(env["record"], envelopes[bad]["record"]))
+            if dropped is None:
+                rec = pair
+                line, rec_id = env["line"], record_id(pair)
+                rejects[bad] = _reject(
+                    envelopes[bad],
+                    "merged_into_pair",
+                    "label",
+                    f"label is false: kept as the rejected answer of the pair on line {line} (id {rec_id})",
                 )
-            )
-            continue
-        answers = [("chosen", rec["chosen"])] + ([("rejected", rec["rejected"])] if rec["rejected"] else [])
-        too_long = None
-        for name, answer in answers:
-            total = count_tokens(rec["prompt"] + [{"role": "assistant", "content": answer}], False)
-            if total > max_length:
-                too_long = (name, total)
-                break
-        if too_long:
-            result.rejects.append(
-                _reject(
-                    env,
-                    "too_long",
-                    too_long[0],
-                    f"prompt + {too_long[0]} is {too_long[1]} tokens (clean.max_length={max_length})",
+            elif dropped[1] == "rejected":  # only the bad answer is the problem: it takes the reject
+                rejects[bad] = _reject(envelopes[bad], *dropped)
+                dropped = gate.check(rec, _raw_key(env["record"]))
+            else:
+                rejects[bad] = _reject(
+                    envelopes[bad],
+                    "merged_into_pair",
+                    "label",
+                    f"label is false: merged as the rejected answer into line {env['line']}, "
+                    f"whose pair was dropped ({dropped[0]}: {dropped[2]})",
                 )
-            )
+        else:
+            dropped = gate.check(rec, _raw_key(env["record"]))
+        if dropped:
+            rejects[i] = _reject(env, *dropped)
             continue
-        exact[raw_key] = rec_id
-        normalised[rec_id] = rec_id
         result.kept.append(
             {
-                "id": rec_id,
+                "id": record_id(rec),
                 "prompt": rec["prompt"],
                 "chosen": rec["chosen"],
                 "rejected": rec["rejected"],
@@ -176,4 +274,14 @@ def clean_rows(
                 "meta": rec["meta"],
             }
         )
+    for bad, good in plan.merged.items():  # a good row that failed to_canonical leaves its bad alone
+        if bad not in rejects:
+            rejects[bad] = _reject(
+                envelopes[bad],
+                "unpaired_bad_completion",
+                "label",
+                f"label is false and its good partner on line {envelopes[good]['line']} was dropped: it needs "
+                "KTO (dpo.method: kto, not built yet) and is never used as an answer",
+            )
+    result.rejects = [rejects[i] for i in sorted(rejects)]
     return result

@@ -2,6 +2,8 @@
 
 Every reader yields `(line, record_or_None, error_or_None)`: a row that cannot be parsed is not
 dropped here, it travels on as an error so the clean stage can write it to its rejects file.
+A UTF-8 byte-order mark at the start of a file (Excel and some Windows editors write one) is
+skipped, so it never sticks to the first CSV column's name or breaks the first JSON line.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from qatune.errors import QatuneError
 
 Row = tuple[int, Any, str | None]
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BOM = b"\xef\xbb\xbf"
 csv.field_size_limit(1 << 30)  # a 10 MB field must reach clean, which rejects it with a reason
 
 
@@ -31,6 +34,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 def _jsonl(path: Path) -> Iterator[Row]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
             if not raw.strip():
                 continue
             try:
@@ -46,7 +51,7 @@ def _jsonl(path: Path) -> Iterator[Row]:
 
 def _json(path: Path) -> Iterator[Row]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
         raise QatuneError(f"{path}: byte {err.start} is not UTF-8") from None
     except json.JSONDecodeError as err:
@@ -61,7 +66,7 @@ def _json(path: Path) -> Iterator[Row]:
 
 def _csv(path: Path) -> Iterator[Row]:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             for rec in reader:
                 line = reader.line_num
@@ -110,7 +115,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

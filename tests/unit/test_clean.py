@@ -1,4 +1,5 @@
-"""clean: counts add up, nothing is lost, cleaning is idempotent, limits are in tokens."""
+"""clean: counts add up, nothing is lost, cleaning is idempotent, limits are in tokens, and a
+completion labelled bad is never a chosen answer."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -6,6 +7,7 @@ from hypothesis import strategies as st
 
 from qatune.clean import choose_format, clean_rows
 from qatune.errors import QatuneError
+from qatune.formats import dedup_key
 
 
 def words(messages, generation_prompt):
@@ -117,3 +119,143 @@ def test_cleaning_is_idempotent(records):
     assert [
         {k: r[k] for k in ("id", "prompt", "chosen", "rejected", "topic", "meta")} for r in second.kept
     ] == strip
+
+
+# --------------------------------------------------------------------------- unpaired (KTO-style) rows
+
+
+def kto(prompt, completion, label):
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def test_unpaired_good_and_bad_of_one_prompt_become_one_pair():
+    rows = [
+        kto("Is fasted cardio better?", "Yes, always train fasted.", False),
+        kto("Is fasted cardio better?", "Not for fat loss over a whole day.", True),
+        kto("How much sleep?", "Seven to nine hours.", True),
+    ]
+    res = run([env(r, i + 1) for i, r in enumerate(rows)], fmt="unpaired")
+    assert [(r["chosen"], r["rejected"]) for r in res.kept] == [
+        ("Not for fat loss over a whole day.", "Yes, always train fasted."),
+        ("Seven to nine hours.", None),
+    ]
+    (merged,) = res.rejects
+    assert (merged["line"], merged["reason"], merged["field"]) == (1, "merged_into_pair", "label")
+    assert f"line 2 (id {res.kept[0]['id']})" in merged["detail"] and merged["record"] == rows[0]
+    counts = res.counts()
+    assert counts["kept"] + counts["dropped"] == counts["read"] == 3
+    assert counts["with_rejected"] == 1
+
+
+def test_unpaired_bad_without_a_good_partner_is_rejected_never_kept():
+    rows = [
+        kto("Creatine and kidneys?", "It wrecks them, avoid it.", False),
+        kto("creatine and KIDNEYS", "Also bad advice.", False),  # same prompt key, still no good one
+        kto(
+            "Creatine and kidneys?",
+            "Safe for healthy kidneys; ask a doctor if you have kidney disease.",
+            True,
+        ),
+    ]
+    res = run([env(r, i + 1) for i, r in enumerate(rows)], fmt="unpaired")
+    assert [r["chosen"] for r in res.kept] == [rows[2]["completion"]]
+    assert res.kept[0]["rejected"] == "It wrecks them, avoid it."
+    assert [(r["line"], r["reason"]) for r in res.rejects] == [
+        (1, "merged_into_pair"),
+        (2, "unpaired_bad_completion"),
+    ]
+    assert "KTO" in res.rejects[1]["detail"] and "line 3" in res.rejects[1]["detail"]
+    alone = run([env(kto("Q?", "bad", False), 1)], fmt="unpaired")
+    assert alone.kept == [] and alone.rejects[0]["reason"] == "unpaired_bad_completion"
+    assert "dpo.method: kto" in alone.rejects[0]["detail"]
+
+
+def test_unpaired_pair_dropped_only_for_the_bad_answer_keeps_the_good_one_alone():
+    rows = [kto("Short?", "word " * 130, False), kto("Short?", "Fine.", True)]
+    res = run([env(r, i + 1) for i, r in enumerate(rows)], fmt="unpaired")
+    assert [(r["chosen"], r["rejected"]) for r in res.kept] == [("Fine.", None)]
+    assert [(r["line"], r["reason"], r["field"]) for r in res.rejects] == [(1, "too_long", "rejected")]
+
+
+def test_unpaired_pair_dropped_for_the_prompt_accounts_for_both_rows():
+    rows = [kto("word " * 70, "Bad.", False), kto("word " * 70, "Good.", True)]
+    res = run([env(r, i + 1) for i, r in enumerate(rows)], fmt="unpaired")
+    assert res.kept == []
+    assert [r["reason"] for r in res.rejects] == ["merged_into_pair", "prompt_too_long"]
+    assert "pair was dropped (prompt_too_long" in res.rejects[0]["detail"]
+
+
+label_row = st.builds(
+    kto,
+    st.sampled_from(["Q one?", "q ONE", "Q two?", "Q three?"]),
+    st.sampled_from(["Answer a.", "Answer b.", "Answer c.", "Answer a!", ""]),
+    st.sampled_from([True, False, "true", "false", 1, 0]),
+)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(label_row, max_size=20))
+def test_label_false_never_becomes_chosen_and_counts_add_up(records):
+    res = run([env(r, i + 1) for i, r in enumerate(records)], fmt="unpaired")
+    counts = res.counts()
+    assert counts["kept"] + counts["dropped"] == counts["read"] == len(records)
+    assert len({r["line"] for r in res.rejects}) == len(res.rejects)  # one reject per input row at most
+    good = {(dedup_key(r["prompt"]), r["completion"]) for r in records if r["label"] in (True, "true", 1)}
+    for kept in res.kept:
+        assert (dedup_key(kept["prompt"][0]["content"]), kept["chosen"]) in good
+    bad_lines = {i + 1 for i, r in enumerate(records) if r["label"] in (False, "false", 0)}
+    assert bad_lines <= {r["line"] for r in res.rejects}  # every bad row is accounted for as a reject
+
+
+def test_mixed_file_counts_and_reasons():
+    """One source per shape: every row is read once and ends up kept or with exactly one reason."""
+    sources = {
+        "pc": ("prompt_completion", [{"prompt": "Q1?", "completion": "A1."}]),
+        "kto": (
+            "unpaired",
+            [kto("Q2?", "Bad.", False), kto("Q2?", "Good.", True), kto("Q3?", "Bad.", False)],
+        ),
+        "chat": (
+            "messages",
+            [
+                {"messages": [{"role": "user", "content": "Q4?"}, {"role": "assistant", "content": "A4."}]},
+                {"messages": [{"role": "user", "content": "Q5?"}, {"role": "tool", "content": "{}"}]},
+            ],
+        ),
+        "lm": ("text", [{"text": "Just prose."}]),
+        "po": ("prompt_only", [{"prompt": "Q6?"}]),
+    }
+    envs, formats = [], {}
+    for name, (fmt, rows) in sources.items():
+        formats[name] = fmt
+        envs += [env(r, i + 1, source=name) for i, r in enumerate(rows)]
+    envs.append({"source": "pc", "file": "f.jsonl", "line": 9, "error": "malformed_json: bad at column 1"})
+    res = clean_rows(envs, formats, words, max_prompt_length=64, max_length=128, max_field_chars=2000)
+    counts = res.counts()
+    assert counts["read"] == len(envs) == 9
+    assert counts["kept"] + counts["dropped"] == counts["read"]
+    assert counts["kept"] == 3 and counts["with_rejected"] == 1
+    assert counts["dropped_by_reason"] == {
+        "malformed_json": 1,
+        "merged_into_pair": 1,
+        "no_answer": 1,
+        "prompt_only": 1,
+        "unpaired_bad_completion": 1,
+        "unsupported_role": 1,
+    }
+    tool = next(r for r in res.rejects if r["reason"] == "unsupported_role")
+    assert tool["field"] == "messages[1].role" and "'tool'" in tool["detail"]
+    assert all(r["chosen"] != "Bad." for r in res.kept)
+
+
+def test_choose_format_on_new_shapes():
+    assert choose_format([env({"text": "prose"}, i) for i in range(3)], "auto", "lm.jsonl") == "text"
+    res = run([env({"text": "prose"}, 1)], fmt="text")
+    assert res.rejects[0]["reason"] == "no_answer" and res.rejects[0]["field"] == "text"
+    assert "plain text row" in res.rejects[0]["detail"]
+    kto_rows = [env(kto("q", "a", i % 2 == 0), i) for i in range(4)]
+    assert choose_format(kto_rows, "auto", "k.jsonl") == "unpaired"
+    assert choose_format(kto_rows, "prompt_completion", "k.jsonl") == "prompt_completion"
+    forced = run(kto_rows, fmt="prompt_completion")  # forcing a format never learns a bad completion
+    assert {r["reason"] for r in forced.rejects} >= {"unpaired_bad_completion"}
+    assert all(r["meta"].get("label") in (True, None) for r in forced.kept)

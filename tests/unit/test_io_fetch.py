@@ -5,8 +5,10 @@ import json
 import pandas as pd
 import pytest
 
+from qatune.clean import choose_format
 from qatune.errors import QatuneError
 from qatune.fetch import allocate, load_source, sample_rows
+from qatune.formats import detect_format
 from qatune.io import read_rows
 from qatune.params import SourceParams
 
@@ -44,6 +46,38 @@ def test_json_csv_parquet_readers(tmp_path):
     pd.DataFrame(recs).to_parquet(tmp_path / "d.parquet")
     for suffix in ("json", "csv", "parquet"):
         assert [r[1] for r in read_rows(tmp_path / f"d.{suffix}")] == recs, suffix
+
+
+def test_byte_order_mark_is_skipped_in_csv_jsonl_and_json(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a BOM; it must not stick to the first column's name."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.csv").write_bytes(bom + "question,answer\r\nCafé or tea?,Either.\r\n".encode())
+    (tmp_path / "d.jsonl").write_bytes(
+        bom + b'{"question": "q", "answer": "a"}\n{"question": "q2", "answer": "a2"}\n'
+    )
+    (tmp_path / "d.json").write_bytes(bom + b'[{"question": "q", "answer": "a"}]')
+    assert [r[1] for r in read_rows(tmp_path / "d.csv")] == [
+        {"question": "Café or tea?", "answer": "Either."}
+    ]
+    assert [r[:2] for r in read_rows(tmp_path / "d.jsonl")] == [
+        (1, {"question": "q", "answer": "a"}),
+        (2, {"question": "q2", "answer": "a2"}),
+    ]
+    assert [r[1] for r in read_rows(tmp_path / "d.json")] == [{"question": "q", "answer": "a"}]
+    envs = [{"line": line, "record": rec} for line, rec, _ in read_rows(tmp_path / "d.csv")]
+    assert choose_format(envs, "auto", "d.csv") == "qa"
+
+
+def test_csv_of_unpaired_rows_reads_string_labels(tmp_path):
+    pd.DataFrame(
+        [
+            {"prompt": "Q?", "completion": "Good.", "label": True},
+            {"prompt": "Q?", "completion": "Bad.", "label": False},
+        ]
+    ).to_csv(tmp_path / "k.csv", index=False)
+    rows = [r[1] for r in read_rows(tmp_path / "k.csv")]
+    assert [r["label"] for r in rows] == ["True", "False"]
+    assert {detect_format(r) for r in rows} == {"unpaired"}
 
 
 def test_invalid_json_file_is_fatal_with_line(tmp_path):
