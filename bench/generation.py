@@ -6,7 +6,7 @@ adapter model (as `qatune ask --mode adapter` runs it), same questions, greedy, 
 
 Arms, each in its own process (its own peak RSS):
 - batched:    models/merged in bfloat16 where the CPU runs it fast (stages/evaluate.py's generation_dtype),
-              qatune.evaluate.generate_answers with evaluate.batch_size (left padding, KV cache).
+              qatune.generation.greedy_answers with evaluate.batch_size (left padding, KV cache).
 - sequential: models/base + the final adapter (models/dpo) via qatune.inference.load_model("adapter")
               (float32 on CPU), each question through qatune.inference.stream_answer with temperature 0
               (greedy), as `qatune ask --mode adapter` answers one question.
@@ -24,23 +24,12 @@ import time
 import _common as common
 
 
-def stage_module(name: str):
-    """stages/<name>.py as a module (loaded by path: `evaluate` would also name the HF library)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        f"qatune_stage_{name}", common.ROOT / "stages" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path: str) -> dict:
     import torch
 
-    from qatune import evaluate as ev
-    from qatune import inference
+    from qatune import hardware, inference
+    from qatune.chat import conversation
+    from qatune.generation import greedy_answers
     from qatune.io import read_jsonl
     from qatune.params import load_params
 
@@ -52,7 +41,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
     if arm == "batched":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = stage_module("evaluate").generation_dtype()  # the evaluate stage's own dtype choice
+        dtype = getattr(torch, hardware.fast_generation_dtype(hardware.probe()))  # as the score stage
         tok = AutoTokenizer.from_pretrained("models/merged")
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
@@ -62,7 +51,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
         batch_size = params.evaluate.batch_size
 
         def answer_all(qs):
-            texts, _ = ev.generate_answers(model, tok, qs, batch_size, max_new_tokens, penalty, "batched")
+            texts, _ = greedy_answers(model, tok, qs, batch_size, max_new_tokens, penalty, "batched")
             return texts
 
         info = {
@@ -81,7 +70,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
             return ["".join(inference.stream_answer(loaded, q, settings)).strip() for q in qs]
 
         info = {"model": loaded.source, "dtype": loaded.dtype, "batch_size": 1}
-    qs = ev.questions_of(rows, system)
+    qs = [conversation(r, system) for r in rows]
     answer_all(qs[:1])  # warm-up: kernel selection, first-call allocations
     times, cpu, tokens = [], [], []
     for _ in range(repeats):

@@ -69,8 +69,8 @@ def fixed_batch(tokenizer, batch_size: int, system_prompt: str | None):
     """`batch_size` rows of similar length (the middle of the length distribution), as the sft stage sees them."""
     import torch
 
+    from qatune.chat import conversation
     from qatune.io import read_jsonl
-    from qatune.train import conversation
 
     rows = read_jsonl("data/split/train.jsonl")
     encoded, prompt_lengths = [], {}
@@ -143,14 +143,13 @@ def main(argv: list[str] | None = None) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qatune import lm_head
-    from qatune import trainer_setup as ts
+    from qatune import hardware, lm_head, modeling
     from qatune.params import load_params
 
     params = load_params(args.params)
     torch.manual_seed(params.seed)
     info = common.machine()
-    hw = ts.resolve_hardware(params.train)
+    hw = hardware.resolve(params.train)
     tok = AutoTokenizer.from_pretrained("models/base")
     batch = fixed_batch(tok, args.batch_size, params.train.system_prompt)
     real = int(batch["attention_mask"].sum())
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     base = AutoModelForCausalLM.from_pretrained("models/base", dtype=torch.float32)
     n_params = sum(p.numel() for p in base.parameters())
     n_head = base.get_output_embeddings().weight.numel()
-    model = get_peft_model(base, ts.lora_config(params.train))
+    model = get_peft_model(base, modeling.lora_config(params.train))
     if params.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

@@ -5,7 +5,7 @@
 
 Arms, each in its own process, same base model (models/base), same rows (data/split/train.jsonl), same
 LoRA r/alpha/targets, same steps, batch size and learning rate:
-- qatune:   what stages/sft.py builds from params.yaml (qatune.trainer_setup + qatune.train helpers):
+- qatune:   what stages/sft.py builds from params.yaml (qatune.training.trainer_args + qatune.modeling):
             precision auto (bf16 autocast on AVX512-BF16/AMX CPUs, fp32 elsewhere), activation
             checkpointing as train.activation_checkpointing says, group_by_length batches,
             assistant-only loss through qatune's marked ChatML template, and train.lm_head (auto: on CPU
@@ -76,11 +76,10 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from qatune import lm_head
-    from qatune import trainer_setup as ts
+    from qatune import hardware, lm_head, modeling, training
+    from qatune.chat import chat_template_for_training, sft_example
     from qatune.io import read_jsonl
     from qatune.params import load_params
-    from qatune.train import chat_template_for_training, sft_example, warmup
 
     params = load_params(params_path)
     train, cfg = params.train, params.sft
@@ -106,18 +105,13 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     if arm.startswith("qatune"):
         if arm == "qatune-flip-ckpt":  # the other side of the speed / memory trade-off
             train = train.model_copy(update={"activation_checkpointing": not train.activation_checkpointing})
-        hw = ts.resolve_hardware(train)
-        model, tok = ts.load_base("models/base", train, hw, cfg.max_length)
+        hw = hardware.resolve(train)
+        model, tok = modeling.load_base("models/base", train, hw, cfg.max_length)
         tok.chat_template, loss_mode = chat_template_for_training(tok.chat_template)
-        args = {**ts.common_args(train, hw, params.seed, out), **common_run}
+        args = {**training.trainer_args(train, cfg, hw, params.seed, out), **common_run}
         config = SFTConfig(
             **args,
-            warmup_steps=warmup(cfg),
-            lr_scheduler_type=cfg.scheduler,
-            weight_decay=cfg.weight_decay,
-            optim=cfg.optim,
-            max_grad_norm=cfg.max_grad_norm,
-            max_length=cfg.max_length,
+            load_best_model_at_end=False,
             packing=cfg.packing,
             padding_free=cfg.padding_free,
             assistant_only_loss=loss_mode == "assistant_only",
@@ -125,7 +119,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
             if cfg.group_by_length and not cfg.packing
             else "random",
         )
-        peft_config = ts.lora_config(train)
+        peft_config = modeling.lora_config(train)
         precision = hw["precision"]
         head = hw["lm_head"]
     else:
@@ -215,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         common.emit(run(args.arm, args.steps, args.params, args.eval_rows))
         return
     if args.arms is None:  # TRL's bf16 default is emulated on CPUs without bf16: > 18 min for 4 steps there
-        from qatune.train import cpu_has_bf16
+        from qatune.hardware import cpu_has_bf16
 
         args.arms = "qatune,trl,trl-fp32" if cpu_has_bf16() else "qatune,trl-fp32"
     arms = [a for a in args.arms.split(",") if a]

@@ -14,11 +14,12 @@ import argparse
 import shutil
 from pathlib import Path
 
+from qatune.base_model import materialise_base
 from qatune.errors import fail_cleanly
 from qatune.fetch import allocate, envelope, load_source, sample_rows, source_seed
 from qatune.io import write_json, write_jsonl
-from qatune.models import PROVENANCE_FILE, materialise_base
 from qatune.params import load_params
+from qatune.provenance import BASE_RECORD
 
 
 @fail_cleanly
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fetch: {src.name}: {len(picked)} of {len(rows)} rows")
 
     base = materialise_base(params.base_model.source, params.base_model.revision, args.model)
-    write_json(Path(args.model) / PROVENANCE_FILE, base)
+    write_json(Path(args.model) / BASE_RECORD, base)
     provenance["base_model"] = base
     write_json(raw / "provenance.json", provenance)
     print(f"fetch: base model {base['source']} -> {args.model}")

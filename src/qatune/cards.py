@@ -8,15 +8,12 @@ huggingface_hub's ModelCardData, the same code the Hub's own tools use.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from qatune.evaluate import MEASURES
+from qatune.hub import ROLES
 from qatune.params import Params
-
-# Rows of the evaluation table in this order first; any other numeric metric follows alphabetically.
-ROLES = ("adapter", "merged")
+from qatune.report import MEASURES, fmt, is_number
 
 
 @dataclass(frozen=True)
@@ -33,19 +30,6 @@ class CardInputs:
     merge: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def fmt(value: Any) -> str:
-    """4 significant digits: metrics from a few hundred test rows carry no more."""
-    if not is_number(value):
-        return "–"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- metadata
@@ -203,9 +187,9 @@ def training_results(sft: dict[str, Any] | None, dpo: dict[str, Any] | None, dpo
     lines = []
     if sft:
         lines.append(
-            f"- SFT: {fmt(sft.get('steps'))} steps, train loss {fmt(sft.get('train_loss'))}, "
-            f"validation loss {fmt(sft.get('eval_loss'))}; test loss {fmt(sft.get('test_loss_base'))} (base) "
-            f"→ {fmt(sft.get('test_loss'))} (SFT)."
+            f"- SFT: {fmt(sft.get('steps'))} steps, train loss {fmt(sft.get('train_loss'))}; validation "
+            f"loss {fmt((sft.get('eval_before') or {}).get('loss'))} (base) → "
+            f"{fmt((sft.get('eval') or {}).get('loss'))} (SFT)."
         )
     else:
         lines.append("- SFT: no metrics recorded.")

@@ -19,9 +19,10 @@ from typing import Any
 
 from qatune.errors import QatuneError
 from qatune.io import sha256_file, write_json
-from qatune.models import PROVENANCE_FILE as BASE_RECORD  # written by fetch next to the base weights
 from qatune.params import GenerateParams
+from qatune.provenance import BASE_RECORD
 
+ROLES = ("adapter", "merged")  # the two repos a release publishes
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Training-only or local-only files: optimizer state, Trainer arguments (a pickle), qatune's local
 # provenance (it holds local paths; a public one is written instead) and peft's placeholder card.

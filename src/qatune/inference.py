@@ -16,9 +16,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from qatune import hardware, modeling
+from qatune.chat import conversation
 from qatune.errors import QatuneError
 from qatune.params import GenerateParams
-from qatune.train import conversation
 
 # Only part of the free memory goes to the KV cache: the forward pass also needs activations and a
 # vocabulary-sized logits row per step, and allocators fragment. Half leaves room for all of that.
@@ -33,25 +34,6 @@ ADAPTER_DIR = "models/dpo"
 
 
 # --------------------------------------------------------------------------- machine choices (pure)
-
-
-def select_device(requested: str, cuda_available: bool) -> str:
-    """auto -> cuda when a GPU is visible, else cpu; an explicit cuda without a GPU is an error."""
-    if requested == "auto":
-        return "cuda" if cuda_available else "cpu"
-    if requested == "cuda" and not cuda_available:
-        raise QatuneError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
-    if requested not in ("cpu", "cuda"):
-        raise QatuneError(f"--device: unknown device '{requested}' (auto, cpu, cuda)")
-    return requested
-
-
-def select_dtype(device: str, cuda_bf16: bool) -> str:
-    """bfloat16 on GPUs that have it (half the memory, full fp32 range); float32 everywhere else.
-
-    fp16 is avoided on older GPUs: models trained in fp32/bf16 can overflow its range.
-    """
-    return "bfloat16" if device == "cuda" and cuda_bf16 else "float32"
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_element: int) -> int:
@@ -113,7 +95,7 @@ def check_question(question: str, max_chars: int) -> str:
 def build_messages(question: str, system_prompt: str | None, history: list[dict] | None = None) -> list[dict]:
     """The chat messages the model sees: the training system prompt, recent turns, then the question.
 
-    Reuses `train.conversation` so the prompt at inference is the one the model was trained on.
+    Reuses `chat.conversation` so the prompt at inference is the one the model was trained on.
     """
     recent = [
         {"role": m["role"], "content": m["content"]}
@@ -196,25 +178,13 @@ def load_model(
     """
     require_model_files(mode, model_dir, adapter_dir)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
-    device = select_device(device, cuda)
-    dtype = select_dtype(device, bool(cuda and torch.cuda.is_bf16_supported()))
-    tok_dir = model_dir
-    if mode == "adapter" and (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        tok_dir = adapter_dir
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    source = str(model_dir)
-    if mode == "adapter":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-        source = f"{model_dir} + {adapter_dir}"
-    model = model.to(device).eval()
+    device = hardware.select_device(device, cuda)
+    dtype = hardware.serving_dtype(device, bool(cuda and torch.cuda.is_bf16_supported()))
+    adapters = [("default", adapter_dir)] if mode == "adapter" else []
+    model, tokenizer = modeling.load_with_adapters(model_dir, adapters, dtype, device, trust_remote_code)
+    source = f"{model_dir} + {adapter_dir}" if mode == "adapter" else str(model_dir)
     return Loaded(model, tokenizer, device, dtype, source)
 
 

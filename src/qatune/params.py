@@ -32,9 +32,6 @@ class BaseModelParams(Strict):
         description="'bundled:smollm2-135m-instruct', a Hugging Face Hub model id, or a local folder",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to snapshot")
-    trust_remote_code: bool = Field(
-        False, description="run model code from the Hub; off unless a profile needs it"
-    )
 
 
 class SourceParams(Strict):
@@ -97,7 +94,9 @@ class TrainParams(Strict):
     bnb_4bit_use_double_quant: bool = True
     activation_checkpointing: bool = False
     lm_head: Literal["auto", "qatune", "trl"] = "auto"
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run model code from the Hub when loading the base; off unless a profile needs it"
+    )
     system_prompt: str | None = None
     lora: LoraParams
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
@@ -169,11 +168,6 @@ class EvaluateParams(Strict):
     )
     sample_answers: int = Field(6, ge=0, description="answers shown side by side in report.md")
     extra_files: list[EvalFileParams] = Field(default_factory=list)
-    reuse_dir: str | None = Field(
-        ".cache/evaluate",
-        description="scores and answers kept by a digest of their inputs and reused when nothing they depend "
-        "on changed (base and SFT in a beta experiment); null = always recompute",
-    )
 
 
 class GenerateParams(Strict):

@@ -28,7 +28,20 @@ def test_dvc_repro_split_dag_and_rerun(project):
     assert json.loads((proj / "metrics/split.json").read_text())["rows"]["test"] == 6
 
 
-STAGES = ("fetch", "clean", "split", "sft", "dpo", "evaluate", "merge", "push-to-hub")
+STAGES = (
+    "check-params",
+    "fetch",
+    "clean",
+    "split",
+    "sft",
+    "dpo",
+    "score@base",
+    "score@sft",
+    "score@final",
+    "evaluate",
+    "merge",
+    "push-to-hub",
+)
 
 
 def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
@@ -40,7 +53,9 @@ def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
     assert json.loads((proj / "metrics/push.json").read_text())  # the dry-run receipt
     dag = dvc(proj, "dag", "--dot").stdout
     for edge in (
-        '"dpo" -> "evaluate"',
+        '"check-params" -> "fetch"',
+        '"dpo" -> "score@final"',
+        '"score@final" -> "evaluate"',
         '"dpo" -> "merge"',
         '"merge" -> "push-to-hub"',
         '"evaluate" -> "push-to-hub"',
@@ -48,10 +63,24 @@ def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
         assert edge in dag
 
     out = dvc(proj, "exp", "run", "-S", "beta=0.2").stdout  # the literal command users run
-    for name in ("dpo", "evaluate", "merge", "push-to-hub"):
+    for name in ("dpo", "score@final", "evaluate", "merge", "push-to-hub"):
         assert f"Running stage '{name}'" in out
-    assert all(f"Running stage '{s}'" not in out for s in ("fetch", "clean", "split", "sft"))
+    skipped = ("fetch", "clean", "split", "sft", "score@base", "score@sft")
+    assert all(f"Running stage '{s}'" not in out for s in skipped)
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.2
     assert json.loads((proj / "metrics/evaluate.json").read_text())["dpo_implicit_reward"]["beta"] == 0.2
     diff = json.loads(dvc(proj, "params", "diff", "--json").stdout)
     assert (diff["params.yaml"]["beta"]["old"], diff["params.yaml"]["beta"]["new"]) == (0.1, 0.2)
+
+
+def test_a_misspelled_key_fails_the_experiment_naming_it(project):
+    """A typo in `-S` never "succeeds" with nothing changed: DVC refuses a plain `-S bta=0.2`, and a key
+    forced in (`-S +bta=0.2`, or typed into params.yaml by hand) fails check-params, naming it."""
+    proj = project()
+    dvc(proj, "repro", "check-params")
+    proc = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "bta=0.2"], proj, check=False)
+    assert proc.returncode != 0 and "'bta'" in proc.stdout + proc.stderr
+    proc = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "+bta=0.2"], proj, check=False)
+    assert proc.returncode != 0
+    assert "params.yaml: unknown key 'bta'" in proc.stdout + proc.stderr
+    assert "Running stage 'fetch'" not in proc.stdout

@@ -24,4 +24,6 @@ def test_bundled_smollm2_trains_two_steps(project):
     assert json.loads((proj / "metrics/clean.json").read_text())["dropped"] == 0
     metrics = json.loads((proj / "metrics/sft.json").read_text())
     assert metrics["steps"] == 2 and metrics["loss_mode"] == "assistant_only"
-    assert 1.0 < metrics["test_loss_base"] < 6.0  # an instruct model, not random weights (ln 49152 = 10.8)
+    assert (
+        1.0 < metrics["eval_before"]["loss"] < 6.0
+    )  # an instruct model, not random weights (ln 49152 = 10.8)

@@ -58,25 +58,29 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
     assert {"metric", "value"} <= set(scores[0])
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], proj).stdout
     assert "preference_accuracy" in shown
-    assert metrics["reused"] == []  # a first run computes everything
+    for name in ("base", "sft", "final"):  # one score stage per model, its own cached output
+        assert f"Running stage 'score@{name}'" in out
+        assert (proj / f"data/scores/{name}.json").is_file()
 
-    # A beta experiment changes only the final adapter: base and SFT numbers come from the reuse folder,
-    # identical to the first run's, and the final model is scored and answered afresh.
+    # A beta experiment changes only the final adapter: DVC skips score@base and score@sft (their inputs
+    # are unchanged), their numbers are identical to the first run's, and only the final model is rescored.
     out = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "beta=0.3", "evaluate"], proj).stdout
     assert "Running stage 'dpo'" in out and "Running stage 'sft'" not in out
+    assert "Running stage 'score@final'" in out and "Running stage 'evaluate'" in out
+    assert "Running stage 'score@base'" not in out and "Running stage 'score@sft'" not in out
     again = json.loads((proj / "metrics/evaluate.json").read_text())
-    assert sorted(again["reused"]) == sorted(
-        ["test base scores", "test sft scores", "faq base scores", "faq sft scores", "base answers"]
-    )
     for name in ("base", "sft"):
         assert again["models"][name] == metrics["models"][name]
     assert again["settings"]["beta"] == 0.3
     assert again["dpo_implicit_reward"] != metrics["dpo_implicit_reward"]
-    assert "Reused from earlier runs" in (proj / "metrics/report.md").read_text()
 
 
 def test_a_missing_model_is_a_one_line_error(project):
     proj = project()
-    proc = run([sys.executable, "stages/evaluate.py", "--model", "models/nowhere"], proj, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().count("\n") == 0 and "models/nowhere" in proc.stderr
+    for script in (
+        ["stages/score.py", "--model", "models/nowhere"],
+        ["stages/evaluate.py", "--scores", "models/nowhere"],
+    ):
+        proc = run([sys.executable, *script], proj, check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().count("\n") == 0 and "models/nowhere" in proc.stderr

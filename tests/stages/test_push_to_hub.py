@@ -47,7 +47,7 @@ EVALUATE = {
     "dpo_implicit_reward": {"accuracy": 0.7, "margin": 0.12},
     "test_rows": 112,
 }
-SFT = {"steps": 4, "train_loss": 3.2, "eval_loss": 3.1, "test_loss_base": 3.4, "test_loss": 3.0}
+SFT = {"method": "sft", "steps": 4, "train_loss": 3.2, "eval_before": {"loss": 3.4}, "eval": {"loss": 3.1}}
 DPO = {
     "enabled": True,
     "steps": 4,

@@ -98,7 +98,7 @@ def test_demo_questions_are_not_in_the_dataset():
 def smollm2_counter():
     from transformers import AutoTokenizer
 
-    from qatune.models import bundled_gguf
+    from qatune.base_model import bundled_gguf
 
     folder, name = bundled_gguf("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)

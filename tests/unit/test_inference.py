@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from qatune import inference
+from qatune import hardware, inference
 from qatune.errors import QatuneError
 from qatune.params import GenerateParams
 
@@ -82,12 +82,12 @@ def test_free_memory_on_cpu_is_available_ram():
     [("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"), ("cuda", True, "cuda")],
 )
 def test_select_device(requested, cuda, expected):
-    assert inference.select_device(requested, cuda) == expected
+    assert hardware.select_device(requested, cuda) == expected
 
 
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(QatuneError, match="no CUDA GPU"):
-        inference.select_device("cuda", False)
+        hardware.select_device("cuda", False)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_cuda_without_a_gpu_is_refused():
     ],
 )
 def test_select_dtype(device, bf16, expected):
-    assert inference.select_dtype(device, bf16) == expected
+    assert hardware.serving_dtype(device, bf16) == expected
 
 
 # --------------------------------------------------------------------------- input cap and prompt

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qatune import lm_head
+from qatune import hardware, lm_head
 from qatune.errors import QatuneError
 
 
@@ -18,14 +18,14 @@ from qatune.errors import QatuneError
     ],
 )
 def test_select(requested, cuda, backend, expected):
-    assert lm_head.select(requested, cuda, backend) == expected
+    assert hardware.select_lm_head(requested, cuda, backend) == expected
 
 
 def test_select_refuses_unknown_and_unsloth():
     with pytest.raises(QatuneError, match="train.lm_head: unknown value 'fast'"):
-        lm_head.select("fast", False, "transformers")
+        hardware.select_lm_head("fast", False, "transformers")
     with pytest.raises(QatuneError, match="unsloth"):
-        lm_head.select("qatune", True, "unsloth")
+        hardware.select_lm_head("qatune", True, "unsloth")
 
 
 @pytest.mark.parametrize("tile", [7, 128])  # several tiles with a ragged last one, and one tile

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from qatune import evaluate as ev
+from qatune import generation, measures, report, scoring
+from qatune.chat import conversation
 from qatune.errors import QatuneError
 
 
@@ -15,7 +16,7 @@ def test_preference_accuracy_is_per_token_and_the_summed_one_is_length_biased():
     # chosen: 100 tokens at -1.0 each; rejected: 10 tokens at -2.0 each. Per token chosen wins,
     # summed log-prob (-100 vs -20) prefers the short rejected answer.
     scores = [{"chosen_logp": -100.0, "chosen_tokens": 100, "rejected_logp": -20.0, "rejected_tokens": 10}]
-    out = ev.likelihood_metrics(scores)
+    out = measures.likelihood_metrics(scores)
     assert out["preference_accuracy"] == 1.0
     assert out["preference_accuracy_unnormalised"] == 0.0
     assert out["nll"] == pytest.approx(1.0) and out["perplexity"] == pytest.approx(math.e)
@@ -26,11 +27,11 @@ def test_nll_is_token_weighted_and_rows_without_rejected_are_not_pairs():
         {"chosen_logp": -10.0, "chosen_tokens": 10},
         {"chosen_logp": -60.0, "chosen_tokens": 20, "rejected_logp": -1.0, "rejected_tokens": 1},
     ]
-    out = ev.likelihood_metrics(scores)
+    out = measures.likelihood_metrics(scores)
     assert out["nll"] == pytest.approx(70 / 30)
     assert out["pairs"] == 1 and out["preference_accuracy"] == 0.0
     with pytest.raises(QatuneError, match="no answer tokens"):
-        ev.likelihood_metrics([{"chosen_logp": 0.0, "chosen_tokens": 0}])
+        measures.likelihood_metrics([{"chosen_logp": 0.0, "chosen_tokens": 0}])
 
 
 def test_implicit_reward_matches_the_dpo_definition():
@@ -42,19 +43,19 @@ def test_implicit_reward_matches_the_dpo_definition():
         {"chosen_logp": -11.0, "rejected_logp": -29.0},
         {"chosen_logp": -11.0, "rejected_logp": -19.0},
     ]
-    out = ev.implicit_reward(policy, reference, beta=0.5)
+    out = measures.implicit_reward(policy, reference, beta=0.5)
     # margins: 0.5*((1) - (-1)) = 1.0 ; 0.5*((-1) - (1)) = -1.0
     assert out["accuracy"] == 0.5 and out["margin_mean"] == pytest.approx(0.0)
     assert out["chosen_reward_mean"] == pytest.approx(0.0) and out["pairs"] == 2
 
 
 def test_referral_detection_and_looping_rate():
-    assert ev.refers_to_professional("Please see your GP before starting.")
-    assert ev.refers_to_professional("Talk to a registered dietitian.")
-    assert not ev.refers_to_professional("Eat more vegetables and sleep well.")
-    assert ev.repeated_ngram_rate("one two three four five six seven eight") == 0.0
+    assert measures.refers_to_professional("Please see your GP before starting.")
+    assert measures.refers_to_professional("Talk to a registered dietitian.")
+    assert not measures.refers_to_professional("Eat more vegetables and sleep well.")
+    assert measures.repeated_ngram_rate("one two three four five six seven eight") == 0.0
     loop = " ".join(["it is about being a runner"] * 10)
-    assert ev.repeated_ngram_rate(loop) > 0.8
+    assert measures.repeated_ngram_rate(loop) > 0.8
 
 
 def test_generation_metrics_split_safety_and_other_questions():
@@ -62,7 +63,9 @@ def test_generation_metrics_split_safety_and_other_questions():
         {"chosen": "see a doctor about chest pain", "meta": {"safety": True}},
         {"chosen": "eat protein with every meal", "meta": {"safety": False}},
     ]
-    out = ev.generation_metrics(rows, ["Please see a doctor.", "Eat protein."], [True, False], None, None)
+    out = measures.generation_metrics(
+        rows, ["Please see a doctor.", "Eat protein."], [True, False], None, None
+    )
     assert out["safety_score"] == 1.0 and out["referral_rate_other"] == 0.0
     assert out["unfinished_rate"] == 0.5 and out["safety_cases"] == 1
     assert 0 < out["rouge_l"] < 1 and "semantic_similarity" not in out
@@ -73,15 +76,15 @@ def test_pick_samples_covers_topics_and_puts_safety_cases_first():
         {"topic": t, "meta": {"safety": s}}
         for t, s in [("a", False), ("a", True), ("b", False), ("c", False)]
     ]
-    picked = ev.pick_samples(rows, 3)
+    picked = report.pick_samples(rows, 3)
     assert picked == [1, 2, 3]  # one per topic, the safety case for topic a
-    assert ev.pick_samples(rows, 10) == [0, 1, 2, 3] and ev.pick_samples(rows, 0) == []
+    assert report.pick_samples(rows, 10) == [0, 1, 2, 3] and report.pick_samples(rows, 0) == []
 
 
 def test_verdict_uses_each_measures_direction():
     models = {"base": {"nll": 3.0, "safety_score": 0.5, "answer_words_mean": 10}, "sft": {}}
     models["final"] = {"nll": 2.5, "safety_score": 0.4, "answer_words_mean": 90}
-    better, worse = ev.verdict(models)
+    better, worse = report.verdict(models)
     assert any("NLL" in b for b in better) and any("safety" in w for w in worse)
     assert not any("length" in x for x in better + worse)  # context only
 
@@ -91,9 +94,9 @@ def test_extra_eval_file_bad_row_names_file_line_and_field(tmp_path):
     path = tmp_path / "faq.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({"question": "Empty?", "answer": " "}) + "\n")
     with pytest.raises(QatuneError, match=r"faq.jsonl:2: field 'chosen'"):
-        ev.read_eval_file(str(path), "auto")
+        scoring.read_eval_file(str(path), "auto")
     path.write_text(json.dumps(good) + "\n")
-    rows = ev.read_eval_file(str(path), "auto")
+    rows = scoring.read_eval_file(str(path), "auto")
     assert rows[0]["chosen"] == "About 1.6 g/kg." and rows[0]["rejected"] is None
 
 
@@ -131,8 +134,8 @@ def test_answer_logprobs_equal_a_full_softmax_over_answer_tokens_only(tiny):
     import torch
 
     model, tok = tiny
-    encoded = ev.encode_pairs(tok, ROWS, "Be safe.", "chosen")
-    got = ev.answer_logprobs(model, encoded, batch_size=2, pad_id=tok.pad_token_id)
+    encoded = scoring.encode_pairs(tok, ROWS, "Be safe.", "chosen")
+    got = scoring.answer_logprobs(model, encoded, batch_size=2, pad_id=tok.pad_token_id)
     for (ids, start), (total, count) in zip(encoded, got, strict=True):
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0].float()
@@ -145,30 +148,7 @@ def test_answer_logprobs_equal_a_full_softmax_over_answer_tokens_only(tiny):
 
 def test_batched_greedy_generation_equals_one_question_at_a_time(tiny):
     model, tok = tiny
-    questions = [ev.conversation(r, "Be safe.") for r in ROWS]
-    batched, finished = ev.generate_answers(model, tok, questions, 3, 8, 1.0, "test")
-    one_by_one = [ev.generate_answers(model, tok, [q], 1, 8, 1.0, "test")[0][0] for q in questions]
+    questions = [conversation(r, "Be safe.") for r in ROWS]
+    batched, finished = generation.greedy_answers(model, tok, questions, 3, 8, 1.0, "test")
+    one_by_one = [generation.greedy_answers(model, tok, [q], 1, 8, 1.0, "test")[0][0] for q in questions]
     assert batched == one_by_one and len(finished) == 3
-
-
-def test_memo_returns_exactly_what_was_stored_under_the_same_inputs_only(tmp_path):
-    memo = ev.Memo(tmp_path / "reuse")
-    key = memo.key(kind="score", model="abc", rows=[{"prompt": "q"}], batch_size=8)
-    assert memo.get(key, "base scores") is None and memo.hits == []
-    value = [{"chosen_logp": -12.345678901234567, "chosen_tokens": 7}]
-    memo.put(key, value)
-    assert memo.get(key, "base scores") == value  # floats survive the JSON round trip bit for bit
-    assert memo.hits == ["base scores"]
-    # Any change of input is another key; dict order is not a change.
-    assert memo.key(kind="score", model="abd", rows=[{"prompt": "q"}], batch_size=8) != key
-    assert memo.key(kind="score", model="abc", rows=[{"prompt": "q"}], batch_size=4) != key
-    assert memo.key(batch_size=8, rows=[{"prompt": "q"}], model="abc", kind="score") == key
-
-
-def test_memo_off_or_unreadable_recomputes(tmp_path):
-    off = ev.Memo(None)
-    off.put("k", [1])
-    assert off.get("k", "x") is None and not list(tmp_path.iterdir())
-    memo = ev.Memo(tmp_path)
-    (tmp_path / "k.json").write_text('[{"chosen_logp": -1.2')  # a run killed mid-write by hand
-    assert memo.get("k", "x") is None and memo.hits == []

@@ -16,7 +16,7 @@ RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
 def test_project_params_validate():
     params = load_params(ROOT / "params.yaml")
     assert params.base_model.source == "bundled:smollm2-135m-instruct"
-    assert params.base_model.trust_remote_code is False
+    assert params.train.trust_remote_code is False
 
 
 def test_beta_is_a_top_level_key_so_dvc_exp_run_S_beta_changes_it():

@@ -2,16 +2,10 @@
 
 import pytest
 
+from qatune.chat import CHATML_WITH_GENERATION, chat_template_for_training, sft_example
 from qatune.errors import QatuneError
-from qatune.train import (
-    CHATML_WITH_GENERATION,
-    chat_template_for_training,
-    check_quantization,
-    python_command,
-    select_backend,
-    select_precision,
-    sft_example,
-)
+from qatune.hardware import check_quantization, select_backend, select_precision
+from qatune.training import python_command
 
 
 @pytest.mark.parametrize(
@@ -135,7 +129,7 @@ def test_label_mask_prompt_is_ignored_answer_is_learned(tiny_model_dir):
 
 
 def test_prepare_checkpoints_drops_a_checkpoint_cut_short_and_other_runs(tmp_path):
-    from qatune.trainer_setup import prepare_checkpoints
+    from qatune.training import prepare_checkpoints
 
     folder = tmp_path / "ckpts"
     assert prepare_checkpoints(folder, "run-a") is False

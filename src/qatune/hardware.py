@@ -1,0 +1,132 @@
+"""What this machine can do and the choices made from it: device, precision, training backend, the
+fused LM head, and the dtype models load in. The choices are small pure functions (unit-tested as tables);
+`probe()` reads the machine and `resolve()` applies the choices to the `train` params block.
+
+CUDA-only paths (Unsloth, 4-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from qatune.errors import QatuneError
+
+
+def select_backend(requested: str, cuda_available: bool, unsloth_importable: bool) -> str:
+    """auto -> unsloth only with CUDA and an importable unsloth; otherwise transformers + peft."""
+    if requested == "transformers":
+        return "transformers"
+    if requested == "unsloth":
+        if not cuda_available:
+            raise QatuneError(
+                "train.backend: unsloth needs a CUDA GPU (none found); use auto or transformers"
+            )
+        if not unsloth_importable:
+            raise QatuneError(
+                "train.backend: unsloth is not installed; pip install '.[cuda]' or use the CUDA image"
+            )
+        return "unsloth"
+    if requested != "auto":
+        raise QatuneError(f"train.backend: unknown backend '{requested}' (auto, transformers, unsloth)")
+    return "unsloth" if cuda_available and unsloth_importable else "transformers"
+
+
+def select_precision(requested: str, cuda_available: bool, cuda_bf16: bool, cpu_bf16: bool) -> str:
+    """fp32 | bf16 | fp16. auto: bf16 where the hardware has it, fp16 on older GPUs, else fp32."""
+    if requested == "auto":
+        if cuda_available:
+            return "bf16" if cuda_bf16 else "fp16"
+        return "bf16" if cpu_bf16 else "fp32"
+    if requested == "fp16" and not cuda_available:
+        raise QatuneError("train.precision: fp16 mixed precision needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if requested == "bf16" and cuda_available and not cuda_bf16:
+        raise QatuneError("train.precision: this GPU has no bf16; use fp16 or auto")
+    return requested
+
+
+def select_lm_head(requested: str, cuda: bool, backend: str) -> str:
+    """Which fused LM head trains: "qatune" (qatune.lm_head) or "trl" (TRL's own).
+
+    auto: qatune's on CPU; on CUDA TRL's Triton kernel already scores only the answer tokens, and Unsloth
+    brings its own fused loss, so they are left alone.
+    """
+    if requested not in ("auto", "qatune", "trl"):
+        raise QatuneError(f"train.lm_head: unknown value '{requested}' (auto, qatune, trl)")
+    if requested == "qatune" and backend == "unsloth":
+        raise QatuneError(
+            "train.lm_head: qatune's head does not apply to the unsloth backend; use auto or trl"
+        )
+    if requested == "auto":
+        return "trl" if cuda or backend == "unsloth" else "qatune"
+    return requested
+
+
+def check_quantization(load_in_4bit: bool, cuda_available: bool) -> None:
+    if load_in_4bit and not cuda_available:
+        raise QatuneError(
+            "train.load_in_4bit: 4-bit (QLoRA) loading needs a CUDA GPU and bitsandbytes; "
+            "set train.load_in_4bit: false to train in full precision on CPU"
+        )
+
+
+def select_device(requested: str, cuda_available: bool) -> str:
+    """auto -> cuda when a GPU is visible, else cpu; an explicit cuda without a GPU is an error."""
+    if requested == "auto":
+        return "cuda" if cuda_available else "cpu"
+    if requested == "cuda" and not cuda_available:
+        raise QatuneError("--device cuda: no CUDA GPU is visible; use --device auto or cpu")
+    if requested not in ("cpu", "cuda"):
+        raise QatuneError(f"--device: unknown device '{requested}' (auto, cpu, cuda)")
+    return requested
+
+
+def serving_dtype(device: str, cuda_bf16: bool) -> str:
+    """dtype for answering questions: bfloat16 on GPUs that have it (half the memory, full fp32 range),
+    float32 everywhere else. fp16 is avoided on older GPUs: models trained in fp32/bf16 can overflow it."""
+    return "bfloat16" if device == "cuda" and cuda_bf16 else "float32"
+
+
+def fast_generation_dtype(hw: dict[str, Any]) -> str:
+    """bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 CPUs, Ampere+ GPUs): ~2x new tokens/s
+    on CPU for greedy answers; float32 elsewhere. Scoring stays float32 whatever this says."""
+    fast = hw["cuda_bf16"] if hw["cuda"] else hw["cpu_bf16"]
+    return "bfloat16" if fast else "float32"
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 autocast is fast; without it, it is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def unsloth_importable() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def probe() -> dict[str, Any]:
+    """What this machine has: CUDA (and bf16 on it), bf16 on the CPU, the device name, torch threads."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "cuda": cuda,
+        "cuda_bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "cpu_bf16": cpu_has_bf16(),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def resolve(train) -> dict[str, Any]:
+    """The machine plus the choices the `train` block asks for: backend, precision, LM head."""
+    hw = probe()
+    check_quantization(train.load_in_4bit, hw["cuda"])
+    backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
+    precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
+    head = select_lm_head(train.lm_head, hw["cuda"], backend)
+    return {**hw, "backend": backend, "precision": precision, "lm_head": head}

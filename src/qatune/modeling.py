@@ -1,0 +1,119 @@
+"""Models in memory: the base loaded for training (transformers + peft, or Unsloth on CUDA), its LoRA
+config, and the one loader every later stage uses for a base model with adapters on top (scoring, merge,
+`qatune ask` / `qatune chat`). Weights load as safetensors only; trust_remote_code only when params ask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def lora_config(train):
+    """peft's LoraConfig from the `train.lora` block."""
+    from peft import LoraConfig
+
+    lora = train.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
+    """(model, tokenizer) for training on the resolved backend (qatune.hardware.resolve)."""
+    if hw["backend"] == "unsloth":  # CUDA only: imported here and nowhere else
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=model_dir,
+            max_seq_length=max_length,
+            load_in_4bit=train.load_in_4bit,
+            dtype=None,
+            trust_remote_code=train.trust_remote_code,
+        )
+        return model, tokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": train.trust_remote_code}
+    if train.load_in_4bit:  # hardware.check_quantization has already required CUDA
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=train.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=torch.bfloat16 if hw["precision"] == "bf16" else torch.float16,
+        )
+    kwargs["dtype"] = torch.float32 if not hw["cuda"] else "auto"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if train.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train.activation_checkpointing
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def unsloth_peft(model, train, seed: int):
+    from unsloth import FastLanguageModel
+
+    lora = train.lora
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias=lora.bias,
+        use_gradient_checkpointing="unsloth" if train.activation_checkpointing else False,
+        random_state=seed,
+    )
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_with_adapters(
+    model_dir: str | Path,
+    adapters: Sequence[tuple[str, str | Path]] = (),
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """(model, tokenizer): the model in `model_dir` with each named LoRA adapter loaded on top (the first
+    one active), in `dtype` on `device`, in eval mode.
+
+    The tokenizer comes from the last adapter folder that has one (it carries the chat template the
+    adapter was trained with), else from `model_dir`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = model_dir
+    for _, folder in adapters:
+        if (Path(folder) / "tokenizer_config.json").is_file():
+            tok_dir = folder
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    for i, (name, folder) in enumerate(adapters):
+        if i == 0:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, folder, adapter_name=name)
+        else:
+            model.load_adapter(folder, adapter_name=name)
+    return model.to(device).eval(), tokenizer

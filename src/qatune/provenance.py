@@ -1,0 +1,70 @@
+"""Where every artifact came from: file digests, the git commit, the provenance files written next to
+weights, the code a process runs, peak memory, and the check that a stage's inputs exist."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qatune.errors import QatuneError
+from qatune.io import sha256_file
+
+BASE_RECORD = "qatune_base.json"  # written by fetch next to the base weights: source, Hub id, revision
+PROVENANCE_FILE = "qatune_provenance.json"  # written next to every adapter and merged model
+
+
+def sha256_files(paths: list[str | Path]) -> str:
+    """One digest over several files (order-independent), each read in chunks: weights can be large."""
+    digest = hashlib.sha256()
+    for path in sorted(str(p) for p in paths):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def code_digest() -> str:
+    """The running script and every qatune module imported so far: the code a stage's result depends on."""
+    files = {Path(sys.argv[0]).resolve()} if sys.argv and sys.argv[0].endswith(".py") else set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (name == "qatune" or name.startswith("qatune.")) and path:
+            files.add(Path(path).resolve())
+    return sha256_files(sorted(files))
+
+
+def git_commit() -> str | None:
+    """HEAD's commit, with "-dirty" when tracked files have uncommitted changes; None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def peak_memory_gb() -> dict[str, float]:
+    """Peak CPU RSS of this process (and CUDA max reserved when on a GPU), in GB."""
+    import torch
+
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+    if torch.cuda.is_available():
+        out["peak_cuda_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 3)
+    return out
+
+
+def require(path: str | Path, what: str) -> Path:
+    """The path, or a one-line error saying that an earlier stage has not run."""
+    path = Path(path)
+    if not path.exists():
+        raise QatuneError(f"{path}: missing {what}; run the earlier stages first (dvc repro)")
+    return path
+
+
+def write_provenance(out: str | Path, payload: dict[str, Any]) -> None:
+    (Path(out) / PROVENANCE_FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -1,0 +1,284 @@
+"""What the sft and dpo stages share around TRL's trainers: the TrainingArguments both pass, callbacks,
+resumable checkpoints and their fingerprint, the torchrun relaunch, logging integrations, and the metrics,
+curves and provenance both write when a run ends.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from qatune.errors import QatuneError
+from qatune.provenance import code_digest, git_commit, peak_memory_gb, write_provenance
+
+FINGERPRINT = "qatune_fingerprint.txt"
+
+
+# --------------------------------------------------------------------------- trainer arguments
+
+
+def warmup(cfg) -> float:
+    """transformers 5 takes one `warmup_steps`: an int is steps, a float below 1 a ratio of all steps."""
+    return int(cfg.warmup_steps) if cfg.warmup_steps > 0 else float(cfg.warmup_ratio)
+
+
+def report_to(requested: list[str]) -> list[str]:
+    """Logging integrations; wandb is offline unless WANDB_API_KEY is set (and then never logs the key)."""
+    out = []
+    for name in requested:
+        if name == "wandb":
+            if os.environ.get("WANDB_MODE") == "disabled":
+                continue
+            os.environ.setdefault("WANDB_MODE", "online" if os.environ.get("WANDB_API_KEY") else "offline")
+        out.append(name)
+    return out or ["none"]
+
+
+def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> dict[str, Any]:
+    """The TrainingArguments both stages pass: hardware, seeds, logging, and every optimiser, schedule,
+    evaluation and checkpoint value of the method's params block (`sft` or `dpo`, both OptimParams)."""
+    args: dict[str, Any] = {
+        "output_dir": output_dir,
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": hw["precision"] == "bf16",
+        "fp16": hw["precision"] == "fp16",
+        "report_to": report_to(train.report_to),
+        "activation_checkpointing": train.activation_checkpointing,
+        "save_only_model": False,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "warmup_steps": warmup(cfg),
+        "lr_scheduler_type": cfg.scheduler,
+        "weight_decay": cfg.weight_decay,
+        "optim": cfg.optim,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": cfg.logging_steps,
+        "eval_strategy": "steps",
+        "eval_steps": cfg.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "load_best_model_at_end": cfg.load_best_model_at_end,
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "max_length": cfg.max_length,
+    }
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not hw["cuda"]:
+        args["use_cpu"] = True
+        if world > 1:
+            args.update(ddp_backend="gloo", ddp_find_unused_parameters=False)
+    elif world > 1:
+        args.update(ddp_backend="nccl", ddp_find_unused_parameters=False)
+    return args
+
+
+def callbacks(cfg, block: str) -> list:
+    """Early stopping when `<block>.early_stopping_patience` > 0 (it needs the best checkpoint kept)."""
+    if not cfg.early_stopping_patience:
+        return []
+    if not cfg.load_best_model_at_end:
+        raise QatuneError(
+            f"{block}.early_stopping_patience: {cfg.early_stopping_patience} needs "
+            f"{block}.load_best_model_at_end: true (early stopping keeps the best checkpoint)"
+        )
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(cfg.early_stopping_patience)]
+
+
+# --------------------------------------------------------------------------- checkpoints and resume
+
+
+def fingerprint(params_blocks: dict[str, Any], *inputs: str) -> str:
+    """What a run's checkpoints belong to: the params blocks the stage reads, its input digests, the code.
+
+    Editing a key no training stage reads (hub.tags, chat.port) leaves the checkpoints usable.
+    """
+    return json.dumps({"params": params_blocks, "inputs": inputs, "code": code_digest()}, sort_keys=True)
+
+
+def prepare_checkpoints(folder: Path, stamp_text: str) -> bool:
+    """Keep checkpoints only if they belong to this exact run; True when there is one to resume from."""
+    stamp = folder / FINGERPRINT
+    if folder.exists() and (not stamp.is_file() or stamp.read_text().strip() != stamp_text.strip()):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(stamp_text.strip() + "\n")
+    complete = False
+    for checkpoint in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir()):
+        if checkpoint_complete(checkpoint):
+            complete = True
+        else:  # killed while saving: Trainer would pick it as the latest and fail to load it
+            print(f"qatune: {checkpoint}: incomplete checkpoint (killed while saving), removed", flush=True)
+            shutil.rmtree(checkpoint)
+    return complete
+
+
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last: a checkpoint without a readable one was cut short."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resume_step(folder: Path) -> int:
+    """The step Trainer resumes from: the latest complete checkpoint's, 0 when there is none."""
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("checkpoint-*") if checkpoint_complete(p)]
+    return max(steps, default=0)
+
+
+def whole_run_loss(
+    log_history: list[dict], start_step: int, run_loss: float, global_step: int, per_run_mean: bool = True
+) -> float:
+    """Mean training loss over every step of the run, resumed or not.
+
+    After a resume, Trainer's `training_loss` covers only the steps this process ran: transformers 5.23
+    averages over them (`per_run_mean`), older releases divide their sum by all steps. The steps before
+    `start_step` come back from the logged per-interval losses (rounded by Trainer to 4 digits).
+    """
+    if start_step <= 0 or global_step <= start_step:
+        return run_loss
+    before, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= start_step:
+            before += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    this_run = run_loss * ((global_step - start_step) if per_run_mean else global_step)
+    return (this_run + before) / global_step
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def python_command(module_or_script: str, num_processes: int, args: list[str]) -> list[str]:
+    """The command that runs a stage, under torchrun when more than one process is asked for."""
+    if num_processes <= 1:
+        return [sys.executable, module_or_script, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={num_processes}",
+        module_or_script,
+        *args,
+    ]
+
+
+def relaunch_distributed(num_processes: int) -> None:
+    """Re-run this script under torchrun when params ask for several processes (and we are not one yet)."""
+    if num_processes <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = python_command(sys.argv[0], num_processes, sys.argv[1:])
+    print(f"qatune: launching {num_processes} processes: {' '.join(cmd)}", flush=True)
+    raise SystemExit(subprocess.call(cmd, env=env))
+
+
+# --------------------------------------------------------------------------- results
+
+
+def count_real_tokens(dataset) -> int:
+    """Non-padding tokens per epoch in a tokenized dataset (what tokens/s is measured in)."""
+    return int(sum(len(ids) for ids in dataset["input_ids"]))
+
+
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else round(math.exp(min(loss, 50.0)), 4)
+
+
+def eval_summary(metrics: dict[str, float]) -> dict[str, float]:
+    """An `evaluate()` result without its prefix and timing entries: loss and the method's own measures."""
+    return {k.removeprefix("eval_"): v for k, v in metrics.items() if k == "eval_loss" or "/" in k}
+
+
+def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step: int) -> dict[str, Any]:
+    """What both stages report about the run itself, whatever the method."""
+    state = trainer.state
+    return {
+        "backend": hw["backend"],
+        "precision": hw["precision"],
+        "lm_head": hw["lm_head"],
+        "device": hw["device"],
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 3),
+        "train_loss": round(
+            whole_run_loss(
+                state.log_history,
+                start_step,
+                result.training_loss,
+                state.global_step,
+                per_run_mean=hasattr(trainer, "_initial_global_step"),
+            ),
+            4,
+        ),
+        "train_runtime_s": round(runtime, 1),
+        "resumed_from_step": start_step,
+        "best_eval_loss": state.best_metric,
+        "best_checkpoint": state.best_model_checkpoint,
+    }
+
+
+def write_history(log_history: list[dict], plots_dir: Path, keys: dict[str, list[str]]) -> None:
+    """Per-step curves as DVC plot files (one JSON list per plot) plus one CSV of everything (seed 002).
+
+    Trainer logs train and eval values as separate entries; DVC draws a file only when every row has the
+    same fields, so rows are merged by step and a value missing at a step is null (vega skips it).
+    """
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, metric_keys in keys.items():
+        by_step: dict[int, dict] = {}
+        for entry in log_history:
+            for key in metric_keys:
+                if key in entry:
+                    by_step.setdefault(entry["step"], {})[key.replace("/", "_")] = entry[key]
+        fields = [k.replace("/", "_") for k in metric_keys]
+        rows = [
+            {"step": step, **{f: values.get(f) for f in fields}} for step, values in sorted(by_step.items())
+        ]
+        (plots_dir / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    columns = sorted({k for e in log_history for k in e})
+    with open(plots_dir / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(log_history)
+
+
+def save_run(
+    trainer,
+    tokenizer,
+    *,
+    out: Path,
+    metrics_file: str,
+    metrics: dict,
+    plots: Path,
+    curves: dict,
+    provenance: dict,
+) -> None:
+    """Write what a training stage declares: the adapter with its tokenizer, the metrics file (peak memory
+    added), the per-step curves, and the provenance record next to the adapter."""
+    from qatune.io import write_json
+
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(out)
+    metrics.update(peak_memory_gb())
+    write_json(metrics_file, metrics)
+    write_history(trainer.state.log_history, plots, curves)
+    write_provenance(out, {**provenance, "git_commit": git_commit(), "metrics": metrics})

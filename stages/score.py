@@ -1,0 +1,127 @@
+"""score: one model (base, SFT or final) on the held-out test split and any extra evaluation files.
+
+    python stages/score.py --params params.yaml --model models/base --adapter models/dpo --name final \
+        --data data/split --generate --out data/scores/final.json
+
+Reads `seed`, `train.system_prompt`, `train.trust_remote_code` and the scoring keys of `evaluate`. The
+model is models/base with the adapter merged in (`--adapter models/base` scores the base itself). Scores
+the chosen and rejected answers of every row in float32; with --generate it also answers every question
+and the demo questions greedily (bfloat16 where the hardware is fast at it) and measures each answer's
+similarity to the chosen and rejected ones. Writes everything, rows included, to one JSON file that the
+evaluate stage reports on. dvc.yaml runs it once per model, so an experiment that changes only the final
+adapter (`dvc exp run -S beta=0.2`) rescores only the final model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from qatune import hardware, modeling, scoring
+from qatune.chat import conversation
+from qatune.demo import demo_rows
+from qatune.errors import QatuneError, fail_cleanly
+from qatune.generation import greedy_answers
+from qatune.io import read_jsonl, write_json
+from qatune.params import load_params
+from qatune.provenance import peak_memory_gb, require
+
+
+@fail_cleanly
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file to read")
+    parser.add_argument("--model", default="models/base", help="base model folder from fetch")
+    parser.add_argument(
+        "--adapter", default="models/dpo", help="LoRA adapter to score; the base folder = none"
+    )
+    parser.add_argument("--name", default="final", help="the model's name in the report (base, sft, final)")
+    parser.add_argument("--data", default="data/split", help="folder with test.jsonl")
+    parser.add_argument("--generate", action="store_true", help="also answer every question greedily")
+    parser.add_argument("--out", default="data/scores/final.json", help="scores, answers and rows")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    params = load_params(args.params)
+    system_prompt = params.train.system_prompt
+    rows_cap, batch_size = params.evaluate.rows, params.evaluate.batch_size
+    require(args.model, "base model")
+    adapter = require(args.adapter, "adapter")
+    test_file = require(Path(args.data) / "test.jsonl", "test split")
+
+    sets = {"test": read_jsonl(test_file)[: rows_cap or None]}
+    if not sets["test"]:
+        raise QatuneError(f"{test_file}: the test split is empty (split.test is 0?)")
+    for extra in params.evaluate.extra_files:
+        sets[extra.name] = scoring.read_eval_file(extra.path, extra.format)
+
+    import torch
+
+    torch.manual_seed(params.seed)
+    hw = hardware.probe()
+    device = hardware.select_device("auto", hw["cuda"])
+    adapters = [(args.name, adapter)] if modeling.is_adapter(adapter) else []
+    model, tokenizer = modeling.load_with_adapters(
+        args.model, adapters, "float32", device, params.train.trust_remote_code
+    )
+    if adapters:  # merged into the weights: a LoRA forward costs ~30% more than the plain model's
+        model = model.merge_and_unload().eval()
+
+    # Phase 1, float32: likelihoods of the chosen and rejected answers of every set.
+    t0 = time.perf_counter()
+    out: dict = {"model": args.name, "adapter": str(adapter) if adapters else None, "sets": {}}
+    for label, rows in sets.items():
+        print(f"score {args.name}: {label}: {len(rows)} rows", flush=True)
+        scores = scoring.score_rows(model, tokenizer, rows, system_prompt, batch_size)
+        out["sets"][label] = {"rows": rows, "scores": scores}
+    timings = {"score_s": round(time.perf_counter() - t0, 1)}
+
+    # Phase 2, where asked: greedy answers to every set's questions and the demo questions in one pass.
+    if args.generate:
+        generate_rows, max_new = params.evaluate.generate_rows, params.evaluate.max_new_tokens
+        model.to(getattr(torch, hardware.fast_generation_dtype(hw)))
+        asked = {label: rows[: generate_rows or None] for label, rows in sets.items()}
+        asked["demo"] = demo_rows()
+        questions = [conversation(r, system_prompt) for rows in asked.values() for r in rows]
+        t0 = time.perf_counter()
+        answers, finished = greedy_answers(
+            model, tokenizer, questions, batch_size, max_new, params.evaluate.repetition_penalty, args.name
+        )
+        timings["generate_s"] = round(time.perf_counter() - t0, 1)
+        new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        timings["generated_tokens_per_s"] = round(new_tokens / max(timings["generate_s"], 1e-9), 1)
+        encoder = scoring.load_encoder(params.evaluate.semantic_model)
+        start = 0
+        for label, rows in asked.items():
+            part = {
+                "answers": answers[start : start + len(rows)],
+                "finished": finished[start : start + len(rows)],
+            }
+            start += len(rows)
+            if label == "demo":
+                out["demo"] = {"rows": rows, **part}
+                continue
+            if encoder is not None:
+                part.update(scoring.answer_similarity(encoder, part["answers"], rows))
+            out["sets"][label].update(part)
+
+    out["settings"] = {
+        "decoding": "greedy",
+        "rows": rows_cap,
+        "generate_rows": params.evaluate.generate_rows,
+        "batch_size": batch_size,
+        "max_new_tokens": params.evaluate.max_new_tokens,
+        "repetition_penalty": params.evaluate.repetition_penalty,
+        "semantic_model": params.evaluate.semantic_model,
+    }
+    out["timings"] = {**timings, "wall_s": round(time.perf_counter() - started, 1)}
+    out["device"] = device
+    out.update(peak_memory_gb())
+    write_json(args.out, out)
+    print(f"score {args.name}: {timings} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
