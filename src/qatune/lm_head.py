@@ -17,7 +17,7 @@ This head keeps TRL's interface and its output type, and changes how the work is
 Only `log_probs` carries gradients. The other outputs are statistics that TRL 1.16's SFT and DPO trainers
 detach (entropy, mean token accuracy, mean logits, the WPO weights); they are marked non-differentiable.
 `install` refuses models it cannot serve exactly (a trainable head, a logit soft-cap) instead of
-approximating them; `select` decides when it is used (unit-tested).
+approximating them; `qatune.hardware.select_lm_head` decides when it is used (unit-tested).
 """
 
 from __future__ import annotations
@@ -32,23 +32,6 @@ from qatune.errors import QatuneError
 
 TOKEN_TILE = 128  # tokens per projection tile: 128 x 49,152 fp32 logits = 25 MB (64: -20% speed, 256: -12%)
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
-
-
-def select(requested: str, cuda: bool, backend: str) -> str:
-    """Which fused LM head trains: "qatune" (this module) or "trl" (TRL's own).
-
-    auto: qatune's on CPU; on CUDA TRL's Triton kernel already scores only the answer tokens, and Unsloth
-    brings its own fused loss, so they are left alone.
-    """
-    if requested not in ("auto", "qatune", "trl"):
-        raise QatuneError(f"train.lm_head: unknown value '{requested}' (auto, qatune, trl)")
-    if requested == "qatune" and backend == "unsloth":
-        raise QatuneError(
-            "train.lm_head: qatune's head does not apply to the unsloth backend; use auto or trl"
-        )
-    if requested == "auto":
-        return "trl" if cuda or backend == "unsloth" else "qatune"
-    return requested
 
 
 class AnswerLogProbs(torch.autograd.Function):

@@ -115,7 +115,7 @@ def test_data_samples_caps_the_fetched_rows(project):
     assert len(read(proj / "data/raw/fixture.jsonl")) == 12
 
 
-@pytest.mark.parametrize("case", ["missing", "unknown_format", "all_invalid", "empty"])
+@pytest.mark.parametrize("case", ["missing", "unknown_format", "plain_text", "all_invalid", "empty"])
 def test_fatal_problems_exit_with_one_line(project, tmp_path, case):
     if case == "missing":
         proj = project(tmp_path / "nope.jsonl")
@@ -126,12 +126,17 @@ def test_fatal_problems_exit_with_one_line(project, tmp_path, case):
         proj = project(tmp_path / "empty.jsonl")
         assert_one_line_error(stage(proj, "fetch", check=False), "empty.jsonl", "file is empty")
         return
-    rows = [{"text": "hello", "label": 1}] if case == "unknown_format" else [{"question": "Q?", "answer": 5}]
+    rows = {
+        "unknown_format": [{"sentence": "hello", "score": 1}],
+        "plain_text": [{"text": "Squats build the legs."}],  # language-modelling rows: no answer to learn
+    }.get(case, [{"question": "Q?", "answer": 5}])
     proj = project(write_jsonl(tmp_path / "x.jsonl", rows))
     stage(proj, "fetch")
     proc = stage(proj, "clean", check=False)
     if case == "unknown_format":
-        assert_one_line_error(proc, "x.jsonl:1", "unknown format", "'label'")
+        assert_one_line_error(proc, "x.jsonl:1", "unknown format", "'sentence'")
+    elif case == "plain_text":
+        assert_one_line_error(proc, "no valid rows", "x.jsonl:1", "plain text row", "no answer to learn")
     else:
         assert_one_line_error(proc, "no valid rows", "x.jsonl:1", "field 'answer'")
 
