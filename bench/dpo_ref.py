@@ -43,7 +43,7 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     torch.manual_seed(params.seed)
     hw = hardware.resolve(train)
     model, tok = modeling.load_base("models/base", train, hw, cfg.max_length)
-    tok.chat_template, _ = chat_template_for_training(tok.chat_template)
+    tok.chat_template, _ = chat_template_for_training(tok)
     model = PeftModel.from_pretrained(model, sft, is_trainable=True)
     rows = [r for r in read_jsonl("data/split/train.jsonl") if r.get("rejected")][:pairs]
     dataset = Dataset.from_list([dpo_example(r, train.system_prompt) for r in rows])

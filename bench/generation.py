@@ -41,7 +41,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
     if arm == "batched":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = getattr(torch, hardware.fast_generation_dtype(hardware.probe()))  # as the score stage
+        dtype = getattr(torch, hardware.placement("generate", hardware.probe())[1])  # as the score stage
         tok = AutoTokenizer.from_pretrained("models/merged")
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token

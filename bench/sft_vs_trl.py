@@ -76,7 +76,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from qatune import hardware, lm_head, modeling, training
+    from qatune import compat, hardware, lm_head, modeling, training
     from qatune.chat import chat_template_for_training, sft_example
     from qatune.io import read_jsonl
     from qatune.params import load_params
@@ -107,7 +107,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
             train = train.model_copy(update={"activation_checkpointing": not train.activation_checkpointing})
         hw = hardware.resolve(train)
         model, tok = modeling.load_base("models/base", train, hw, cfg.max_length)
-        tok.chat_template, loss_mode = chat_template_for_training(tok.chat_template)
+        tok.chat_template, loss_mode = chat_template_for_training(tok)
         args = {**training.trainer_args(train, cfg, hw, params.seed, out), **common_run}
         config = SFTConfig(
             **args,
@@ -165,7 +165,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     return {
         "arm": arm,
         "precision": precision,
-        "activation_checkpointing": bool(config.activation_checkpointing),
+        "activation_checkpointing": bool(getattr(config, compat.checkpointing_key(compat.training_fields()))),
         "lm_head": head,
         "sampling": getattr(config, "train_sampling_strategy", "random"),
         "loss_mode": loss_mode,

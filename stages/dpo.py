@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
-from qatune.chat import chat_template_for_training, dpo_example
+from qatune.chat import chat_template_for_training, dpo_example, template_kwargs
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
@@ -82,18 +82,23 @@ def main(argv: list[str] | None = None) -> None:
     require(args.sft, "SFT adapter")
     if not cfg.enabled:
         return pass_through(args)
-    training.relaunch_distributed(train.num_processes)
+    training.relaunch_distributed(train)
 
     import torch
+
+    # ---- model: the backend first (Unsloth must be imported before TRL), then the training template;
+    # the trainable SFT adapter, no peft_config: TRL copies it as the frozen reference
+    torch.manual_seed(params.seed)
+    hw = hardware.resolve(train)
+    modeling.import_backend(hw["backend"])
     from datasets import Dataset
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    # ---- model: the trainable SFT adapter, no peft_config; TRL copies it as the frozen reference
-    torch.manual_seed(params.seed)
-    hw = hardware.resolve(train)
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    tokenizer.chat_template, _ = chat_template_for_training(tokenizer.chat_template)
+    published = tokenizer.chat_template  # saved with the adapter; the training copy never is
+    kwargs = template_kwargs(published, train.enable_thinking)
+    tokenizer.chat_template, _ = chat_template_for_training(tokenizer)
     model = PeftModel.from_pretrained(model, args.sft, is_trainable=True)
 
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
@@ -103,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.on_policy_pairs:
         rows = {
             s: on_policy_rejected(
-                model, tokenizer, rs, train.system_prompt, cfg.on_policy_max_new_tokens, cfg.batch_size * 4
+                model,
+                tokenizer,
+                rs,
+                train.system_prompt,
+                cfg.on_policy_max_new_tokens,
+                cfg.batch_size * 4,
+                kwargs,
             )
             for s, rs in rows.items()
         }
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
             "to make pairs from the SFT model's own answers, or dpo.enabled: false"
         )
     sets = {
-        s: Dataset.from_list([dpo_example(r, train.system_prompt) for r in ps]) for s, ps in pairs.items()
+        s: Dataset.from_list([dpo_example(r, train.system_prompt, kwargs) for r in ps])
+        for s, ps in pairs.items()
     }
 
     # ---- checkpoints: resumed only when they belong to these params blocks, data, base, SFT and code
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics=metrics,
         plots=Path(args.plots),
         curves=CURVES,
+        chat_template=published,
         provenance={
             "stage": "dpo",
             "params": blocks,

@@ -3,7 +3,8 @@
     python stages/merge.py --params params.yaml --model models/base --adapter models/dpo \
         --out models/merged --metrics metrics/merge.json
 
-Reads `train.system_prompt`, `train.trust_remote_code` and `merge`. Writes a plain safetensors model in
+Reads `train.system_prompt`, `train.enable_thinking`, `train.trust_remote_code` and `merge`. Runs on the
+GPU when there is one, in float32 (qatune.hardware.placement). Writes a plain safetensors model in
 `merge.dtype` with tokenizer, chat template and generation config (eos set), plus qatune_provenance.json.
 Verified: logits of the merged model (in memory, and reloaded from disk in the saved dtype) against the
 adapter model on sample prompts; the largest difference is recorded, and over tolerance is an error.
@@ -15,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from qatune import modeling
-from qatune.chat import conversation
+from qatune import hardware, modeling
+from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json
@@ -54,12 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     remote = params.train.trust_remote_code
+    device, dtype = hardware.placement("merge", hardware.probe())
     model, tokenizer = modeling.load_with_adapters(
-        args.model, [("default", args.adapter)], "float32", "cpu", remote
+        args.model, [("default", args.adapter)], dtype, device, remote
     )
+    kwargs = template_kwargs(tokenizer.chat_template, params.train.enable_thinking)
     prompts = [
         tokenizer.apply_chat_template(
-            conversation(row, params.train.system_prompt), tokenize=False, add_generation_prompt=True
+            conversation(row, params.train.system_prompt),
+            tokenize=False,
+            add_generation_prompt=True,
+            **kwargs,
         )
         for row in demo_rows(cfg.check_prompts)
     ]
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
-    reloaded, _ = modeling.load_with_adapters(out, (), "float32", "cpu", remote)
+    reloaded, _ = modeling.load_with_adapters(out, (), dtype, device, remote)
     on_disk = float((logits(reloaded, tokenizer, prompts) - reference).abs().max())
     # A bf16/fp16 copy rounds every weight: its bound is the dtype's, not float32's.
     disk_tolerance = cfg.tolerance if cfg.dtype == "float32" else cfg.low_precision_tolerance
@@ -90,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             f"(tolerance {disk_tolerance})"
         )
     metrics = {
+        "device": device,
         "dtype": cfg.dtype,
         "prompts": len(prompts),
         "tokens": int(reference.shape[0]),

@@ -3,10 +3,11 @@
     python stages/score.py --params params.yaml --model models/base --adapter models/dpo --name final \
         --data data/split --generate --out data/scores/final.json
 
-Reads `seed`, `train.system_prompt`, `train.trust_remote_code` and the scoring keys of `evaluate`. The
-model is models/base with the adapter merged in (`--adapter models/base` scores the base itself). Scores
-the chosen and rejected answers of every row in float32; with --generate it also answers every question
-and the demo questions greedily (bfloat16 where the hardware is fast at it) and measures each answer's
+Reads `seed`, `train.system_prompt`, `train.enable_thinking`, `train.trust_remote_code` and the scoring
+keys of `evaluate`. The model is models/base with the adapter merged in (`--adapter models/base` scores the
+base itself), on the GPU when there is one (qatune.hardware.placement). Scores the chosen and rejected
+answers of every row in float32; with --generate it also answers every question and the demo questions
+greedily (bf16/fp16 on GPUs, bf16 on CPUs that are fast at it) and measures each answer's
 similarity to the chosen and rejected ones. Writes everything, rows included, to one JSON file that the
 evaluate stage reports on. dvc.yaml runs it once per model, so an experiment that changes only the final
 adapter (`dvc exp run -S beta=0.2`) rescores only the final model.
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, modeling, scoring
-from qatune.chat import conversation
+from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import greedy_answers
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(params.seed)
     hw = hardware.probe()
-    device = hardware.select_device("auto", hw["cuda"])
+    device, dtype = hardware.placement("score", hw)
     adapters = [(args.name, adapter)] if modeling.is_adapter(adapter) else []
     model, tokenizer = modeling.load_with_adapters(
-        args.model, adapters, "float32", device, params.train.trust_remote_code
+        args.model, adapters, dtype, device, params.train.trust_remote_code
     )
+    kwargs = template_kwargs(tokenizer.chat_template, params.train.enable_thinking)
     if adapters:  # merged into the weights: a LoRA forward costs ~30% more than the plain model's
         model = model.merge_and_unload().eval()
 
@@ -74,20 +76,21 @@ def main(argv: list[str] | None = None) -> None:
     out: dict = {"model": args.name, "adapter": str(adapter) if adapters else None, "sets": {}}
     for label, rows in sets.items():
         print(f"score {args.name}: {label}: {len(rows)} rows", flush=True)
-        scores = scoring.score_rows(model, tokenizer, rows, system_prompt, batch_size)
+        scores = scoring.score_rows(model, tokenizer, rows, system_prompt, batch_size, kwargs)
         out["sets"][label] = {"rows": rows, "scores": scores}
     timings = {"score_s": round(time.perf_counter() - t0, 1)}
 
     # Phase 2, where asked: greedy answers to every set's questions and the demo questions in one pass.
     if args.generate:
         generate_rows, max_new = params.evaluate.generate_rows, params.evaluate.max_new_tokens
-        model.to(getattr(torch, hardware.fast_generation_dtype(hw)))
+        model.to(getattr(torch, hardware.placement("generate", hw)[1]))
         asked = {label: rows[: generate_rows or None] for label, rows in sets.items()}
         asked["demo"] = demo_rows()
         questions = [conversation(r, system_prompt) for rows in asked.values() for r in rows]
         t0 = time.perf_counter()
+        penalty = params.evaluate.repetition_penalty
         answers, finished = greedy_answers(
-            model, tokenizer, questions, batch_size, max_new, params.evaluate.repetition_penalty, args.name
+            model, tokenizer, questions, batch_size, max_new, penalty, args.name, kwargs
         )
         timings["generate_s"] = round(time.perf_counter() - t0, 1)
         new_tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)

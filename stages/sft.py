@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
-from qatune.chat import chat_template_for_training, sft_example
+from qatune.chat import chat_template_for_training, sft_example, template_kwargs
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl
 from qatune.params import load_params
@@ -41,24 +41,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     train, cfg = params.train, params.sft
-    training.relaunch_distributed(train.num_processes)
+    training.relaunch_distributed(train)
 
     import torch
+
+    # ---- model: the backend first (Unsloth must be imported before TRL), then the training template
+    torch.manual_seed(params.seed)
+    hw = hardware.resolve(train)
+    modeling.import_backend(hw["backend"])
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    # ---- model
-    torch.manual_seed(params.seed)
-    hw = hardware.resolve(train)
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    tokenizer.chat_template, loss_mode = chat_template_for_training(tokenizer.chat_template)
+    published = tokenizer.chat_template  # saved with the adapter; the training copy never is
+    kwargs = template_kwargs(published, train.enable_thinking)
+    tokenizer.chat_template, loss_mode = chat_template_for_training(tokenizer)
 
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
     data = Path(args.data)
     rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
     rows["val"] = rows["val"][: cfg.eval_rows or None]
     sets = {
-        s: Dataset.from_list([sft_example(r, train.system_prompt, loss_mode) for r in rs])
+        s: Dataset.from_list(
+            [sft_example(r, train.system_prompt, loss_mode, cfg.train_turns, kwargs) for r in rs]
+        )
         for s, rs in rows.items()
     }
 
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         **training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),
         packing=cfg.packing,
         padding_free=cfg.padding_free,
-        assistant_only_loss=loss_mode == "assistant_only",
+        assistant_only_loss="messages" in sets["train"].column_names,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
     )
     if hw["backend"] == "unsloth":
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics=metrics,
         plots=Path(args.plots),
         curves=CURVES,
+        chat_template=published,
         provenance={"stage": "sft", "params": blocks, "base_model": base_info, "data_sha256": data_hash},
     )
     print(

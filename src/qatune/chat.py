@@ -1,7 +1,18 @@
-"""Conversations as the model sees them: the training chat template, the system prompt, and the SFT and
-DPO examples built from canonical rows."""
+"""Conversations as the model sees them: the chat template a model trains with, the template kwargs every
+stage renders with (Qwen3's thinking switch), the system prompt, and the SFT and DPO examples built from
+canonical rows.
+
+Training templates need `{% generation %}` markers so that every assistant turn is learned and nothing else
+(TRL's `assistant_only_loss`). In order: a template that has them is used as it is; one TRL knows (Qwen2.5,
+Qwen3, Llama 3, Gemma, ...) gets TRL's training copy; Llama 3.1/3.2/3.3 get their assistant turns marked
+here; a ChatML template TRL does not know (SmolLM2) gets qatune's marked ChatML; anything else trains on
+prompt/completion pairs (the last answer only). The training copy is never published: stages save the
+model's original template with every adapter and merged model.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 # ChatML with {% generation %} markers, so TRL's assistant_only_loss can mask everything but the
 # assistant's tokens. The end-of-turn token sits inside the marked block: the model must learn to stop.
@@ -14,19 +25,50 @@ CHATML_WITH_GENERATION = (
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+# Llama 3.1-3.3 render every plain turn with this one expression; TRL 1.16 marks Llama 3.0's template only.
+LLAMA3_TURN = (
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+    "'<|eot_id|>' }}"
+)
+LLAMA3_MARKED_TURN = (
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- generation %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endgeneration %}"
+    "{%- else %}" + LLAMA3_TURN + "{%- endif %}"
+)
 
 
-def chat_template_for_training(template: str | None) -> tuple[str | None, str]:
-    """(template, loss mode): a template with generation markers enables assistant-only loss.
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and "generation %}" in template and "endgeneration" in template
 
-    ChatML templates without markers (SmolLM2, Qwen) get qatune's marked ChatML; any other template
-    trains on prompt/completion pairs, where TRL masks the prompt itself.
-    """
-    if template and "{% generation %}" in template:
-        return template, "assistant_only"
+
+def chat_template_for_training(tokenizer) -> tuple[str | None, str]:
+    """(the template to train with, loss mode: "assistant_only" or "completion_only") for a tokenizer."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named variants: the default one is what apply_chat_template uses
+        template = template.get("default")
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        patched = get_training_chat_template(tokenizer)
+    except Exception:  # TRL has no training copy of it (ValueError), or cannot render its probes
+        patched = template if has_generation_markers(template) else None
+    else:
+        patched = template if patched is None else patched  # None: already fit for training
+    if has_generation_markers(patched):
+        return patched, "assistant_only"
+    if template and LLAMA3_TURN in template:
+        return template.replace(LLAMA3_TURN, LLAMA3_MARKED_TURN), "assistant_only"
     if template and "<|im_start|>" in template:
         return CHATML_WITH_GENERATION, "assistant_only"
     return template, "completion_only"
+
+
+def template_kwargs(template: str | None, enable_thinking: bool) -> dict[str, Any]:
+    """Extra variables every stage renders the model's chat template with: Qwen3's thinking switch
+    (`train.enable_thinking`), for templates that read it; {} for every other template. Training, scoring,
+    merge checks and chat all pass the same."""
+    return {"enable_thinking": enable_thinking} if template and "enable_thinking" in template else {}
 
 
 def conversation(row: dict, system_prompt: str | None) -> list[dict]:
@@ -37,17 +79,26 @@ def conversation(row: dict, system_prompt: str | None) -> list[dict]:
     return prompt
 
 
-def sft_example(row: dict, system_prompt: str | None, loss_mode: str) -> dict:
+def sft_example(
+    row: dict, system_prompt: str | None, loss_mode: str, turns: str = "all", kwargs: dict | None = None
+) -> dict:
+    """One SFT example. With a marked template and `turns: all`, a conversation whose every assistant turn
+    is learned (earlier answers of a multi-turn row included); otherwise prompt/completion, where TRL learns
+    the last answer only. `kwargs` are the template variables (template_kwargs)."""
     prompt = conversation(row, system_prompt)
     answer = {"role": "assistant", "content": row["chosen"]}
-    if loss_mode == "assistant_only":
-        return {"messages": [*prompt, answer]}
-    return {"prompt": prompt, "completion": [answer]}
+    example = (
+        {"messages": [*prompt, answer]}
+        if loss_mode == "assistant_only" and turns == "all"
+        else {"prompt": prompt, "completion": [answer]}
+    )
+    return {**example, "chat_template_kwargs": kwargs} if kwargs else example
 
 
-def dpo_example(row: dict, system_prompt: str | None) -> dict:
-    return {
+def dpo_example(row: dict, system_prompt: str | None, kwargs: dict | None = None) -> dict:
+    example = {
         "prompt": conversation(row, system_prompt),
         "chosen": [{"role": "assistant", "content": row["chosen"]}],
         "rejected": [{"role": "assistant", "content": row["rejected"]}],
     }
+    return {**example, "chat_template_kwargs": kwargs} if kwargs else example

@@ -105,6 +105,7 @@ def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loade
         args.adapter_dir,
         device=args.device,
         trust_remote_code=params.train.trust_remote_code,
+        enable_thinking=params.train.enable_thinking,
     )
     print(f"qatune: {loaded.source} on {loaded.device} ({loaded.dtype})", file=sys.stderr)
     return loaded

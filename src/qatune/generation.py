@@ -16,14 +16,19 @@ def greedy_answers(
     max_new_tokens: int,
     repetition_penalty: float = 1.0,
     desc: str = "answers",
+    template_kwargs: dict | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy answers to chat prompts, batched with left padding and the KV cache; (answers, finished
-    with an end-of-turn token). Prompts are sorted by length so a batch carries little padding."""
+    with an end-of-turn token). Prompts are sorted by length so a batch carries little padding.
+    `template_kwargs` are the chat template's variables (qatune.chat.template_kwargs)."""
     import torch
     from tqdm.auto import tqdm
 
     prompts = [
-        tokenizer.apply_chat_template(q, add_generation_prompt=True, tokenize=False) for q in questions
+        tokenizer.apply_chat_template(
+            q, add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
+        )
+        for q in questions
     ]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
@@ -65,7 +70,13 @@ def greedy_answers(
 
 
 def on_policy_rejected(
-    model, tokenizer, rows: list[dict], system_prompt: str | None, max_new_tokens: int, batch_size: int
+    model,
+    tokenizer,
+    rows: list[dict],
+    system_prompt: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    template_kwargs: dict | None = None,
 ) -> list[dict]:
     """Rows without a rejected answer get the model's own greedy answer as rejected; rows whose answer is
     empty or equals the chosen one are left out (they would teach nothing)."""
@@ -79,6 +90,7 @@ def on_policy_rejected(
         batch_size,
         max_new_tokens,
         desc="on-policy answers",
+        template_kwargs=template_kwargs,
     )
     if was_training:
         model.train()

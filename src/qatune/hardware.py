@@ -82,17 +82,34 @@ def select_device(requested: str, cuda_available: bool) -> str:
     return requested
 
 
-def serving_dtype(device: str, cuda_bf16: bool) -> str:
-    """dtype for answering questions: bfloat16 on GPUs that have it (half the memory, full fp32 range),
-    float32 everywhere else. fp16 is avoided on older GPUs: models trained in fp32/bf16 can overflow it."""
-    return "bfloat16" if device == "cuda" and cuda_bf16 else "float32"
+# Where a model goes and in which dtype, by what it is loaded for (tests/unit/test_hardware.py has the table):
+#   purpose    CPU          CPU with bf16   CUDA with bf16   CUDA fp16 only (T4)
+#   score      cpu fp32     cpu fp32        cuda fp32        cuda fp32
+#   merge      cpu fp32     cpu fp32        cuda fp32        cuda fp32
+#   generate   cpu fp32     cpu bf16        cuda bf16        cuda fp16
+#   serve      cpu fp32     cpu fp32        cuda bf16        cuda fp16
+# Scoring and merging stay float32 on every device: bf16 rounding was measured to flip the sign of DPO's
+# implicit reward on a third of the pairs, and merge checks logits to 1e-3. Greedy answers for the report
+# run in bf16 where it is fast (about twice float32's tokens/s on AMX/AVX512-BF16 CPUs); interactive chat on
+# a CPU keeps float32, and on GPUs half precision halves the memory.
+PURPOSES = ("score", "merge", "generate", "serve")
 
 
-def fast_generation_dtype(hw: dict[str, Any]) -> str:
-    """bfloat16 where the hardware runs it fast (AMX/AVX512-BF16 CPUs, Ampere+ GPUs): ~2x new tokens/s
-    on CPU for greedy answers; float32 elsewhere. Scoring stays float32 whatever this says."""
-    fast = hw["cuda_bf16"] if hw["cuda"] else hw["cpu_bf16"]
-    return "bfloat16" if fast else "float32"
+def placement(purpose: str, hw: dict[str, Any]) -> tuple[str, str]:
+    """(device, dtype name) for a model loaded for `purpose` on the machine `hw` (probe())."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r} (one of {PURPOSES})")
+    if purpose in ("score", "merge"):
+        return ("cuda" if hw["cuda"] else "cpu"), "float32"
+    if hw["cuda"]:
+        return "cuda", "bfloat16" if hw["cuda_bf16"] else "float16"
+    return "cpu", "bfloat16" if purpose == "generate" and hw["cpu_bf16"] else "float32"
+
+
+def training_dtype(precision: str) -> str:
+    """The dtype a base model loads in on CUDA for training: that of the mixed precision (bf16, fp16), so a
+    T4 never gets bf16 weights; float32 for fp32 training."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
 
 
 def cpu_has_bf16() -> bool:

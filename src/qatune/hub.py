@@ -280,9 +280,10 @@ def push_repo(token: str, entry: dict[str, Any], message: str) -> dict[str, Any]
 
     Nothing differs -> no commit at all, so a re-run of an unchanged release leaves the Hub's history alone.
     """
-    import httpx2  # huggingface_hub 2.x's HTTP client: its network errors are not OSErrors
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
+
+    from qatune.compat import hub_transport_error  # the Hub client's network errors are not OSErrors
 
     repo_id, folder = entry["repo_id"], Path(entry["staged"])
     api = HfApi(token=token)
@@ -308,7 +309,7 @@ def push_repo(token: str, entry: dict[str, Any], message: str) -> dict[str, Any]
             commit = api.create_commit(repo_id, ops, commit_message=message, repo_type="model")
             result["commit"] = {"url": commit.commit_url, "oid": commit.oid}
             result["head"] = commit.oid
-    except httpx2.TransportError as err:
+    except hub_transport_error() as err:
         raise QatuneError(f"push-to-hub: {repo_id}: cannot reach {api.endpoint} ({err})") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise hub_error(repo_id, err) from None

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from qatune import hardware, modeling
-from qatune.chat import conversation
+from qatune.chat import conversation, template_kwargs
 from qatune.errors import QatuneError
 from qatune.params import GenerateParams
 
@@ -137,6 +137,7 @@ class Loaded:
     device: str
     dtype: str
     source: str  # "models/merged" or "models/base + models/dpo", for the banner
+    template_kwargs: dict = field(default_factory=dict)  # the chat template's variables (Qwen3 thinking)
 
 
 def require_model_files(mode: str, model_dir: str | Path, adapter_dir: str | Path) -> None:
@@ -170,22 +171,23 @@ def load_model(
     adapter_dir: str | Path = ADAPTER_DIR,
     device: str = "auto",
     trust_remote_code: bool = False,
+    enable_thinking: bool = False,
 ) -> Loaded:
     """Load the merged model, or the base model plus the LoRA adapter, on the chosen device.
 
-    Safetensors only. The tokenizer comes from the folder saved with the trained weights (it carries
-    the chat template used in training); an adapter folder without one falls back to the base's.
+    Safetensors only. The tokenizer comes from the folder saved with the trained weights (it carries the
+    model's own chat template); an adapter folder without one falls back to the base's. Device and dtype
+    follow qatune.hardware.placement("serve"): bf16 or fp16 on a GPU, float32 on a CPU.
     """
     require_model_files(mode, model_dir, adapter_dir)
-    import torch
-
-    cuda = torch.cuda.is_available()
-    device = hardware.select_device(device, cuda)
-    dtype = hardware.serving_dtype(device, bool(cuda and torch.cuda.is_bf16_supported()))
+    hw = hardware.probe()
+    device = hardware.select_device(device, hw["cuda"])
+    device, dtype = hardware.placement("serve", {**hw, "cuda": device == "cuda"})
     adapters = [("default", adapter_dir)] if mode == "adapter" else []
     model, tokenizer = modeling.load_with_adapters(model_dir, adapters, dtype, device, trust_remote_code)
     source = f"{model_dir} + {adapter_dir}" if mode == "adapter" else str(model_dir)
-    return Loaded(model, tokenizer, device, dtype, source)
+    kwargs = template_kwargs(tokenizer.chat_template, enable_thinking)
+    return Loaded(model, tokenizer, device, dtype, source, kwargs)
 
 
 # --------------------------------------------------------------------------- generation
@@ -193,7 +195,9 @@ def load_model(
 
 def prompt_inputs(loaded: Loaded, messages: list[dict]):
     """Token ids of the chat-templated prompt, on the model's device."""
-    text = loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = loaded.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **loaded.template_kwargs
+    )
     enc = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     return enc.to(loaded.device)
 

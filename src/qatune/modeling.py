@@ -5,9 +5,21 @@ config, and the one loader every later stage uses for a base model with adapters
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from qatune.hardware import training_dtype
+
+
+def import_backend(backend: str) -> None:
+    """Import Unsloth when it trains: it patches transformers, TRL and peft, so it must come first.
+
+    The stages call this right after choosing the backend and before importing TRL, datasets or peft.
+    """
+    if backend == "unsloth":
+        import unsloth  # noqa: F401
 
 
 def lora_config(train):
@@ -51,7 +63,11 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
             bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
             bnb_4bit_compute_dtype=torch.bfloat16 if hw["precision"] == "bf16" else torch.float16,
         )
-    kwargs["dtype"] = torch.float32 if not hw["cuda"] else "auto"
+    if hw["cuda"]:  # straight onto this process's GPU, in the dtype of the mixed precision
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        kwargs.setdefault("dtype", getattr(torch, training_dtype(hw["precision"])))
+    else:
+        kwargs["dtype"] = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if train.load_in_4bit:

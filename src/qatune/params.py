@@ -98,9 +98,16 @@ class TrainParams(Strict):
         False, description="run model code from the Hub when loading the base; off unless a profile needs it"
     )
     system_prompt: str | None = None
+    enable_thinking: bool = Field(
+        False, description="Qwen3-style templates: thinking blocks on or off, in training, scoring and chat"
+    )
     lora: LoraParams
     report_to: list[Literal["wandb", "tensorboard"]] = Field(default_factory=list)
-    num_processes: int = Field(1, ge=1, description="processes on this machine (torchrun / DDP)")
+    num_processes: int = Field(1, ge=1, description="processes on this machine (torchrun)")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several processes: ddp (a full copy per GPU) or fsdp (FSDP2, sharded; GPUs only)",
+    )
 
 
 class OptimParams(Strict):
@@ -126,6 +133,9 @@ class OptimParams(Strict):
 
 
 class SFTParams(OptimParams):
+    train_turns: Literal["all", "last"] = Field(
+        "all", description="multi-turn rows: learn every assistant turn, or the last answer only"
+    )
     packing: bool = False
     padding_free: bool = False
     group_by_length: bool = True

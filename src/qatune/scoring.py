@@ -38,14 +38,22 @@ def read_eval_file(path: str, fmt: str, max_field_chars: int = 20000) -> list[di
 
 
 def encode_pairs(
-    tokenizer, rows: list[dict[str, Any]], system_prompt: str | None, field: str
+    tokenizer,
+    rows: list[dict[str, Any]],
+    system_prompt: str | None,
+    field: str,
+    template_kwargs: dict | None = None,
 ) -> list[tuple[list[int], int]]:
     """(token ids, answer start) per row: the chat-templated prompt, then the answer and end of turn."""
     end = tokenizer.eos_token_id
     out = []
     for row in rows:
         prompt_ids = tokenizer.apply_chat_template(
-            conversation(row, system_prompt), add_generation_prompt=True, tokenize=True, return_dict=False
+            conversation(row, system_prompt),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+            **(template_kwargs or {}),
         )
         if hasattr(prompt_ids, "input_ids"):  # some tokenizers return a BatchEncoding
             prompt_ids = prompt_ids["input_ids"]
@@ -68,6 +76,7 @@ def answer_logprobs(model, encoded: list[tuple[list[int], int]], batch_size: int
     body = causal_lm.get_decoder()
     head = causal_lm.get_output_embeddings()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    device = head.weight.device
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths together
     results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -80,6 +89,7 @@ def answer_logprobs(model, encoded: list[tuple[list[int], int]], batch_size: int
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
             targets[row, answer_start : len(ids)] = True  # positions predicted: answer tokens
+        input_ids, mask, targets = input_ids.to(device), mask.to(device), targets.to(device)
         with torch.inference_mode():
             hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
             # hidden at position t predicts token t+1
@@ -99,17 +109,25 @@ def answer_logprobs(model, encoded: list[tuple[list[int], int]], batch_size: int
     return results
 
 
-def score_rows(model, tokenizer, rows: list[dict[str, Any]], system_prompt: str | None, batch_size: int):
+def score_rows(
+    model,
+    tokenizer,
+    rows: list[dict[str, Any]],
+    system_prompt: str | None,
+    batch_size: int,
+    template_kwargs: dict | None = None,
+):
     """Per row: log-prob sum and token count of the chosen answer, and of the rejected one where there is
-    one (chosen_logp, chosen_tokens[, rejected_logp, rejected_tokens])."""
+    one (chosen_logp, chosen_tokens[, rejected_logp, rejected_tokens]), on the model's device."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw = template_kwargs
     chosen = answer_logprobs(
-        model, encode_pairs(tokenizer, rows, system_prompt, "chosen"), batch_size, pad_id
+        model, encode_pairs(tokenizer, rows, system_prompt, "chosen", kw), batch_size, pad_id
     )
     paired = [i for i, r in enumerate(rows) if r.get("rejected")]
     rejected_rows = [rows[i] for i in paired]
     rejected = answer_logprobs(
-        model, encode_pairs(tokenizer, rejected_rows, system_prompt, "rejected"), batch_size, pad_id
+        model, encode_pairs(tokenizer, rejected_rows, system_prompt, "rejected", kw), batch_size, pad_id
     )
     per_row = [{"chosen_logp": lp, "chosen_tokens": n} for lp, n in chosen]
     for i, (lp, n) in zip(paired, rejected, strict=True):

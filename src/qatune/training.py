@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qatune import compat
 from qatune.errors import QatuneError
 from qatune.provenance import code_digest, git_commit, peak_memory_gb, write_provenance
 
@@ -51,7 +52,7 @@ def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> 
         "bf16": hw["precision"] == "bf16",
         "fp16": hw["precision"] == "fp16",
         "report_to": report_to(train.report_to),
-        "activation_checkpointing": train.activation_checkpointing,
+        compat.checkpointing_key(compat.training_fields()): train.activation_checkpointing,
         "save_only_model": False,
         "dataloader_num_workers": 0,
         "disable_tqdm": False,
@@ -77,14 +78,39 @@ def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> 
         "greater_is_better": False,
         "max_length": cfg.max_length,
     }
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     if not hw["cuda"]:
         args["use_cpu"] = True
-        if world > 1:
-            args.update(ddp_backend="gloo", ddp_find_unused_parameters=False)
-    elif world > 1:
-        args.update(ddp_backend="nccl", ddp_find_unused_parameters=False)
+    args.update(distributed_args(train.distributed, hw["cuda"], int(os.environ.get("WORLD_SIZE", "1"))))
     return args
+
+
+# TRL's FSDP2 preset (trl/accelerate_configs/fsdp2.yaml) as TrainingArguments: every decoder layer its own
+# shard unit, parameters resharded after the forward pass, weights loaded once on rank 0 and broadcast.
+FSDP_CONFIG = {
+    "fsdp_version": 2,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "reshard_after_forward": True,
+    "cpu_ram_efficient_loading": True,
+    "state_dict_type": "FULL_STATE_DICT",
+    "activation_checkpointing": False,  # the Trainer's own activation checkpointing applies instead
+}
+
+
+def distributed_args(strategy: str, cuda: bool, world_size: int) -> dict[str, Any]:
+    """TrainingArguments for several processes: DDP (gloo on CPU, NCCL on GPUs) or FSDP2 (GPUs only).
+
+    accelerate 1.15 turns FSDP on only for multi-GPU runs (AcceleratorState keeps DistributedType.MULTI_CPU
+    for CPU processes and never switches it to FSDP), so on CPU a silent DDP run is refused instead.
+    """
+    if world_size <= 1:
+        return {}
+    if strategy == "fsdp":
+        if not cuda:
+            raise QatuneError(
+                "train.distributed: fsdp needs CUDA GPUs (accelerate shards only across GPUs); use ddp on CPU"
+            )
+        return {"fsdp": "full_shard auto_wrap", "fsdp_config": dict(FSDP_CONFIG)}
+    return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
 
 
 def callbacks(cfg, block: str) -> list:
@@ -182,10 +208,16 @@ def python_command(module_or_script: str, num_processes: int, args: list[str]) -
     ]
 
 
-def relaunch_distributed(num_processes: int) -> None:
-    """Re-run this script under torchrun when params ask for several processes (and we are not one yet)."""
+def relaunch_distributed(train) -> None:
+    """Re-run this script under torchrun when `train.num_processes` asks for several processes (and we are
+    not one yet); FSDP without GPUs is refused here, before any process starts."""
+    num_processes = train.num_processes
     if num_processes <= 1 or "LOCAL_RANK" in os.environ:
         return
+    if train.distributed == "fsdp":
+        import torch
+
+        distributed_args("fsdp", torch.cuda.is_available(), num_processes)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = python_command(sys.argv[0], num_processes, sys.argv[1:])
     print(f"qatune: launching {num_processes} processes: {' '.join(cmd)}", flush=True)
@@ -225,7 +257,7 @@ def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step:
                 start_step,
                 result.training_loss,
                 state.global_step,
-                per_run_mean=hasattr(trainer, "_initial_global_step"),
+                per_run_mean=compat.resumed_loss_is_per_run_mean(trainer),
             ),
             4,
         ),
@@ -270,13 +302,16 @@ def save_run(
     metrics: dict,
     plots: Path,
     curves: dict,
+    chat_template: str | None,
     provenance: dict,
 ) -> None:
-    """Write what a training stage declares: the adapter with its tokenizer, the metrics file (peak memory
-    added), the per-step curves, and the provenance record next to the adapter."""
+    """Write what a training stage declares: the adapter with its tokenizer (carrying the model's own
+    `chat_template`, never the training copy), the metrics file (peak memory added), the per-step curves,
+    and the provenance record next to the adapter."""
     from qatune.io import write_json
 
     trainer.save_model(str(out))
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
     metrics.update(peak_memory_gb())
     write_json(metrics_file, metrics)

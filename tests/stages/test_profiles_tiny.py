@@ -1,7 +1,8 @@
 """Each seed profile, on a tiny random model of its architecture family, runs two SFT steps on CPU.
 
 Everything but the download and the GPU is exercised: the profile's LoRA targets, optimizer (adamw_8bit
-included), lengths, schedule and the family's chat template. CUDA-only switches (4-bit, unsloth) are
+included), lengths, schedule and the family's real chat template (the string TRL ships for Qwen2.5, Qwen3
+and Gemma, Llama 3.2's own), which must train on assistant tokens only and be published unchanged. CUDA-only switches (4-bit, unsloth) are
 turned off here because this machine has no GPU; their selection logic is tested in tests/unit.
 """
 
@@ -11,22 +12,30 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
+from trl import chat_template_utils as trl_templates
 
 from qatune.profiles import merged
 from qatune.tiny import save_tiny
 from tests.conftest import FIXTURES, ROOT, run
 
 FAMILY = {
-    "seed000-qwen3-dpo": "qwen3",
-    "seed001-qwen25-sft": "qwen2",
-    "seed002-gemma-psychology": "gemma",
-    "seed004-llama32-finetome": "llama",
+    "seed000-qwen3-dpo": ("qwen3", trl_templates.qwen3_chat_template),
+    "seed001-qwen25-sft": ("qwen2", trl_templates.qwen2_5_chat_template),
+    "seed002-gemma-psychology": ("gemma", trl_templates.gemma_chat_template),
+    "seed004-llama32-finetome": ("llama", trl_templates.llama3_2_chat_template),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_seed_profile_trains_two_steps_on_a_tiny_model_of_its_family(name, project, tmp_path):
-    model_dir = save_tiny(tmp_path / "tiny", FAMILY[name])
+    family, template = FAMILY[name]
+    model_dir = save_tiny(tmp_path / "tiny", family)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if "<|start_header_id|>" in template:
+        tok.bos_token = "<|begin_of_text|>"
+    tok.chat_template = template
+    tok.save_pretrained(model_dir)
     data, _ = merged(name, ROOT / "params.yaml", ROOT / "profiles")
     data["base_model"]["source"] = str(model_dir)
     data["fetch"]["sources"] = [
@@ -43,8 +52,8 @@ def test_seed_profile_trains_two_steps_on_a_tiny_model_of_its_family(name, proje
         run([sys.executable, f"stages/{stage}.py"], proj)
     metrics = json.loads((proj / "metrics/sft.json").read_text())
     assert metrics["steps"] == 2 and metrics["train_loss"] > 0
-    expected = "completion_only" if FAMILY[name] == "gemma" else "assistant_only"
-    assert metrics["loss_mode"] == expected
+    assert metrics["loss_mode"] == "assistant_only"
+    assert AutoTokenizer.from_pretrained(proj / "models/sft").chat_template == template  # the original
     cfg = json.loads((Path(proj) / "models/sft/adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(data["train"]["lora"]["target_modules"])
     assert cfg["r"] == data["train"]["lora"]["r"]

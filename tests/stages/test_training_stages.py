@@ -186,6 +186,16 @@ def test_two_processes_on_cpu(project):
     assert metrics["steps"] == 4 and lora_b_norm(proj / "models/sft") > 0
 
 
+def test_fsdp_without_gpus_is_one_line_before_any_process_starts(project):
+    proj = project(train={"num_processes": 2, "distributed": "fsdp"})
+    data_stages(proj)
+    proc = stage(proj, "sft", check=False)
+    assert proc.returncode == 1 and "launching" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: train.distributed: fsdp needs CUDA GPUs (accelerate shards only across GPUs); use ddp on CPU"
+    )
+
+
 def test_logging_integrations_offline_and_no_secret_reaches_a_file(project, monkeypatch):
     """wandb offline (a real run directory) and TensorBoard events; dvc.yaml untouched; no secret in any file."""
     secret = "hf_qatuneTESTsecret0123456789"

@@ -90,19 +90,6 @@ def test_cuda_without_a_gpu_is_refused():
         hardware.select_device("cuda", False)
 
 
-@pytest.mark.parametrize(
-    ("device", "bf16", "expected"),
-    [
-        ("cuda", True, "bfloat16"),
-        ("cuda", False, "float32"),
-        ("cpu", False, "float32"),
-        ("cpu", True, "float32"),
-    ],
-)
-def test_select_dtype(device, bf16, expected):
-    assert hardware.serving_dtype(device, bf16) == expected
-
-
 # --------------------------------------------------------------------------- input cap and prompt
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qatune.chat import CHATML_WITH_GENERATION, chat_template_for_training, sft_example
+from qatune.chat import chat_template_for_training, sft_example
 from qatune.errors import QatuneError
 from qatune.hardware import check_quantization, select_backend, select_precision
 from qatune.training import python_command
@@ -59,13 +59,6 @@ def test_4bit_on_cpu_is_refused_with_a_clear_message():
     check_quantization(False, False)
 
 
-def test_training_template_choice():
-    assert chat_template_for_training("{{ '<|im_start|>' }}") == (CHATML_WITH_GENERATION, "assistant_only")
-    marked = "{% generation %}x{% endgeneration %}"
-    assert chat_template_for_training(marked) == (marked, "assistant_only")
-    assert chat_template_for_training("<start_of_turn>{{ m }}")[1] == "completion_only"
-
-
 def test_examples_carry_the_system_prompt():
     row = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "A."}
     ex = sft_example(row, "Be safe.", "assistant_only")
@@ -91,7 +84,7 @@ def test_label_mask_prompt_is_ignored_answer_is_learned(tiny_model_dir):
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template, mode = chat_template_for_training(tok.chat_template)
+    tok.chat_template, mode = chat_template_for_training(tok)
     row = {"prompt": [{"role": "user", "content": "How much protein?"}], "chosen": "Eat 1.6 g per kg."}
     ds = Dataset.from_list([sft_example(row, "Be safe.", mode)])
     trainer = SFTTrainer(
@@ -143,3 +136,43 @@ def test_prepare_checkpoints_drops_a_checkpoint_cut_short_and_other_runs(tmp_pat
     assert done.is_dir() and not cut.exists()
     assert prepare_checkpoints(folder, "run-b") is False  # another run's checkpoints are never resumed
     assert not done.exists()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "cuda", "world", "expected"),
+    [
+        ("ddp", False, 1, {}),
+        ("fsdp", True, 1, {}),  # one process: nothing to shard across
+        ("ddp", False, 2, {"ddp_backend": "gloo", "ddp_find_unused_parameters": False}),
+        ("ddp", True, 4, {"ddp_backend": "nccl", "ddp_find_unused_parameters": False}),
+    ],
+)
+def test_distributed_args_for_ddp(strategy, cuda, world, expected):
+    from qatune.training import distributed_args
+
+    assert distributed_args(strategy, cuda, world) == expected
+
+
+def test_fsdp_on_gpus_is_trls_fsdp2_preset_and_refused_on_cpu():
+    from qatune.training import distributed_args
+
+    args = distributed_args("fsdp", True, 8)
+    assert args["fsdp"] == "full_shard auto_wrap"
+    cfg = args["fsdp_config"]
+    assert (cfg["fsdp_version"], cfg["auto_wrap_policy"], cfg["reshard_after_forward"]) == (
+        2,
+        "TRANSFORMER_BASED_WRAP",
+        True,
+    )
+    with pytest.raises(QatuneError, match="fsdp needs CUDA GPUs"):
+        distributed_args("fsdp", False, 2)
+
+
+def test_fsdp_config_is_accepted_by_the_installed_training_arguments():
+    """The keys qatune passes are ones TrainingArguments knows (it validates fsdp_config at init)."""
+    from transformers import TrainingArguments
+
+    from qatune.training import FSDP_CONFIG
+
+    args = TrainingArguments(output_dir="/tmp/qatune-fsdp-args", fsdp="", fsdp_config=dict(FSDP_CONFIG))
+    assert args.fsdp_config["fsdp_version"] == 2
