@@ -36,6 +36,7 @@ CHROMIUM_FLAGS = [
 @pytest.fixture(scope="module")
 def chat_project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder laid out like the pipeline's outputs: models/base, models/dpo, models/merged, params."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -45,6 +46,7 @@ def chat_project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)  # the random LoRA weights: the same model whatever ran before in this worker
     adapted = get_peft_model(base, lora)
     adapted.save_pretrained(models / "dpo")
     tokenizer.save_pretrained(models / "dpo")
@@ -120,7 +122,7 @@ def test_answers_stream_in_pieces(loaded):
     from qatune.params import GenerateParams
 
     torch.manual_seed(0)  # sampled random text has spaces, where the streamer hands out a piece
-    settings = GenerateParams(temperature=1.0, top_p=1.0, max_new_tokens=24)
+    settings = GenerateParams(temperature=1.5, top_p=1.0, max_new_tokens=48)
     stream = inference.stream_answer(loaded, inference.build_messages("Q?", "Be safe."), settings)
     pieces = list(stream)
     assert len(pieces) >= 2, pieces
