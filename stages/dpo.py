@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
-from qatune.chat import chat_template_for_training, dpo_example, template_kwargs
+from qatune.chat import dpo_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    published = tokenizer.chat_template  # saved with the adapter; the training copy never is
-    kwargs = template_kwargs(published, train.enable_thinking)
-    tokenizer.chat_template, _ = chat_template_for_training(tokenizer)
+    published, kwargs, _ = use_training_template(tokenizer, train.enable_thinking)  # publish the original
     model = PeftModel.from_pretrained(model, args.sft, is_trainable=True)
 
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)

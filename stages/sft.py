@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
-from qatune.chat import chat_template_for_training, sft_example, template_kwargs
+from qatune.chat import sft_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import read_jsonl
 from qatune.params import load_params
@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    published = tokenizer.chat_template  # saved with the adapter; the training copy never is
-    kwargs = template_kwargs(published, train.enable_thinking)
-    tokenizer.chat_template, loss_mode = chat_template_for_training(tokenizer)
+    published, kwargs, loss_mode = use_training_template(
+        tokenizer, train.enable_thinking
+    )  # publish the original
 
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
     data = Path(args.data)

@@ -64,6 +64,14 @@ def chat_template_for_training(tokenizer) -> tuple[str | None, str]:
     return template, "completion_only"
 
 
+def use_training_template(tokenizer, enable_thinking: bool) -> tuple[str | None, dict[str, Any], str]:
+    """Put the training template on `tokenizer`; (the original template to publish, the template
+    kwargs every stage renders with, the loss mode). What sft and dpo both do before building examples."""
+    published = tokenizer.chat_template
+    tokenizer.chat_template, loss_mode = chat_template_for_training(tokenizer)
+    return published, template_kwargs(published, enable_thinking), loss_mode
+
+
 def template_kwargs(template: str | None, enable_thinking: bool) -> dict[str, Any]:
     """Extra variables every stage renders the model's chat template with: Qwen3's thinking switch
     (`train.enable_thinking`), for templates that read it; {} for every other template. Training, scoring,

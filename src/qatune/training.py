@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -230,10 +229,6 @@ def relaunch_distributed(train) -> None:
 def count_real_tokens(dataset) -> int:
     """Non-padding tokens per epoch in a tokenized dataset (what tokens/s is measured in)."""
     return int(sum(len(ids) for ids in dataset["input_ids"]))
-
-
-def perplexity(loss: float | None) -> float | None:
-    return None if loss is None else round(math.exp(min(loss, 50.0)), 4)
 
 
 def eval_summary(metrics: dict[str, float]) -> dict[str, float]:
