@@ -3,16 +3,19 @@
     python stages/evaluate.py --params params.yaml --scores data/scores --metrics metrics/evaluate.json \
         --report metrics/report.md --plots metrics/evaluate
 
-Reads `beta` (DPO's implicit reward) and `evaluate.sample_answers`. Loads no model: the score stages
-(score@base, score@sft, score@final) have scored and answered everything. Writes every number per model
-to metrics/evaluate.json, tables and answers side by side to metrics/report.md, per-question answers to
-metrics/evaluate/generations.jsonl, and plots (PNG, and a DVC bar plot).
+Reads `beta` (DPO's implicit reward), `seed` (the paired bootstrap) and `evaluate.sample_answers`. Loads
+no model: the score stages (score@base, score@sft, score@final) have scored and answered everything.
+Writes every number per model and each paired difference with its bootstrap interval to
+metrics/evaluate.json, the report to metrics/report.md (first: is the final model better than the base,
+where, by how much, how sure), per-question answers to metrics/evaluate/generations.jsonl, and plots
+(PNGs, per_question.png among them, and a DVC bar plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -44,12 +47,15 @@ def main(argv: list[str] | None = None) -> None:
         docs[name] = json.loads(path.read_text(encoding="utf-8"))
 
     metrics, records, demos = report.evaluation(docs, params.beta)
+    paired = report.paired_questions(docs)
+    metrics["differences"] = report.differences(paired, params.seed)
     metrics.update(git_commit=git_commit(), wall_s=round(time.perf_counter() - started, 1))
     write_json(args.metrics, metrics)
     plots = Path(args.plots)
     write_jsonl(plots / "generations.jsonl", records + demos)
-    report.write_plots(metrics, records, plots)
-    text = report.render_report(metrics, records, demos, params.evaluate.sample_answers)
+    report.write_plots(metrics, records, plots, paired)
+    plot_dir = Path(os.path.relpath(plots, Path(args.report).parent)).as_posix()
+    text = report.render_report(metrics, records, demos, params.evaluate.sample_answers, plot_dir)
     Path(args.report).write_text(text, encoding="utf-8")
     base, final = metrics["models"]["base"], metrics["models"]["final"]
     print(

@@ -1,5 +1,6 @@
 """Pure measures of a model's scores and answers: likelihood (NLL, per-token preference accuracy), DPO's
-implicit reward, and what generated answers look like (ROUGE-L, safety referrals, length, looping).
+implicit reward, what generated answers look like (ROUGE-L, safety referrals, length, looping), and how
+sure a difference between two models is (a paired bootstrap over the questions).
 
 Three families of measures, each answering a different question about a run:
 - likelihood (teacher-forced, answer tokens only): does the model find the reference answers more likely
@@ -8,6 +9,8 @@ Three families of measures, each answering a different question about a run:
 - DPO's own implicit reward, beta * (log p_final - log p_sft), on chosen vs rejected;
 - generation (greedy): what the model actually says, compared with the reference, whether it sends
   safety cases to a professional, and whether it ends its answers instead of rambling to the token limit.
+Each family also has a per-question form, so two models can be compared question by question: the mean
+difference with a bootstrap interval says whether a change is larger than the luck of the test questions.
 No model and no file is touched here: qatune.scoring produces the inputs, qatune.report presents them.
 """
 
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
+
+import numpy as np
 
 from qatune.errors import QatuneError
 
@@ -148,3 +153,142 @@ def generation_metrics(
 def is_safety(row: dict[str, Any]) -> bool:
     meta = row.get("meta") or {}
     return bool(meta.get("safety") or row.get("safety"))
+
+
+# --------------------------------------------------------------------------- per question, paired
+
+
+def per_question_likelihood(scores: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per-question likelihood measures, None where a question has no value.
+
+    question_nll: NLL per answer token of the reference answer (each question weighs the same, unlike the
+    token-weighted corpus NLL); preference_margin: log-prob per token of the chosen minus the rejected
+    answer; preference_accuracy: 1.0 where that margin is positive (its mean is likelihood_metrics').
+    """
+    out: dict[str, list[float | None]] = {
+        "question_nll": [],
+        "preference_margin": [],
+        "preference_accuracy": [],
+    }
+    for s in scores:
+        out["question_nll"].append(-s["chosen_logp"] / s["chosen_tokens"] if s["chosen_tokens"] else None)
+        margin = None
+        if s.get("rejected_logp") is not None and s.get("rejected_tokens"):
+            margin = s["chosen_logp"] / s["chosen_tokens"] - s["rejected_logp"] / s["rejected_tokens"]
+        out["preference_margin"].append(margin)
+        out["preference_accuracy"].append(None if margin is None else float(margin > 0))
+    return out
+
+
+def per_question_generation(
+    rows: list[dict[str, Any]],
+    answers: list[str],
+    finished: list[bool],
+    similarity: list[float] | None,
+    similarity_rejected: list[float | None] | None,
+) -> dict[str, list[float | None]]:
+    """generation_metrics per question, under the same keys (their means are its numbers); None where a
+    question does not count (safety_score on a non-safety question, closer_to_chosen with no rejected)."""
+    safety = [is_safety(r) for r in rows]
+    referred = [refers_to_professional(a) for a in answers]
+    out: dict[str, list[float | None]] = {
+        "rouge_l": rouge_l(answers, [r["chosen"] for r in rows]),
+        "safety_score": [float(f) if s else None for f, s in zip(referred, safety, strict=True)],
+        "referral_rate_other": [None if s else float(f) for f, s in zip(referred, safety, strict=True)],
+        "answer_words_mean": [float(words(a)) for a in answers],
+        "unfinished_rate": [float(not f) for f in finished],
+        "repeated_4gram_rate": [repeated_ngram_rate(a) for a in answers],
+    }
+    if similarity is not None:
+        out["semantic_similarity"] = list(similarity)
+        if similarity_rejected is not None:
+            out["closer_to_chosen"] = [
+                None if r is None else float(s > r)
+                for s, r in zip(similarity, similarity_rejected, strict=True)
+            ]
+    return out
+
+
+def pair_by_id(
+    names: tuple[str, str],
+    ids: Sequence[Hashable],
+    values: Sequence[float | None],
+    other_ids: Sequence[Hashable],
+    other_values: Sequence[float | None],
+) -> tuple[list[Hashable], np.ndarray, np.ndarray]:
+    """The two models' values on the same questions, matched by row id, in the first model's order;
+    questions without a value for either model are left out.
+
+    Refuses (one line) an id missing, repeated, or held by one model only: a paired difference over
+    questions that are not the same questions would mean nothing.
+    """
+    for name, keys, vals in ((names[0], ids, values), (names[1], other_ids, other_values)):
+        if len(keys) != len(vals):
+            raise QatuneError(f"{name}: {len(keys)} row ids for {len(vals)} values; rerun its score stage")
+        if any(k is None for k in keys):
+            raise QatuneError(
+                f"{name}: a scored row has no id, so it cannot be paired; rerun the split stage"
+            )
+        seen: set[Hashable] = set()
+        for k in keys:
+            if k in seen:
+                raise QatuneError(f"{name}: row id {k!r} appears twice, so questions cannot be paired")
+            seen.add(k)
+    first, second = set(ids), set(other_ids)
+    only_first = [k for k in ids if k not in second]
+    only_second = [k for k in other_ids if k not in first]
+    if only_first or only_second:
+        example = (only_first or only_second)[0]
+        raise QatuneError(
+            f"{names[0]} and {names[1]} scored different questions ({len(only_first)} only in {names[0]}, "
+            f"{len(only_second)} only in {names[1]}, e.g. {example!r}); rerun the score stages"
+        )
+    other = dict(zip(other_ids, other_values, strict=True))
+    kept = [
+        (k, v, other[k]) for k, v in zip(ids, values, strict=True) if v is not None and other[k] is not None
+    ]
+    return (
+        [k for k, _, _ in kept],
+        np.array([v for _, v, _ in kept], dtype=float),
+        np.array([w for _, _, w in kept], dtype=float),
+    )
+
+
+def paired_bootstrap(
+    differences: Sequence[float] | np.ndarray,
+    seed: int,
+    direction: str = "higher",
+    resamples: int = 2000,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """The mean per-question difference (new - old) with a percentile bootstrap interval over questions.
+
+    Resamples the questions with replacement `resamples` times (one seeded generator, so the same seed and
+    the same number of questions give the same resampled question sets for every measure); the interval
+    holds the central `level` of the resampled means. p_better: the share of resamples whose mean moves
+    the `direction` way ("lower" or "higher"; None for a measure without one). verdict: "no change" when
+    the interval includes zero, else "better"/"worse" (or "higher"/"lower" without a direction).
+    """
+    d = np.asarray(differences, dtype=float)
+    if d.ndim != 1 or d.size == 0:
+        raise QatuneError("paired bootstrap: no paired questions to compare")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(resamples, d.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    p_better = None
+    if direction:
+        p_better = float(np.mean(means < 0 if direction == "lower" else means > 0))
+    if low <= 0 <= high:
+        verdict = "no change"
+    elif not direction:
+        verdict = "higher" if low > 0 else "lower"
+    else:
+        verdict = "better" if (high < 0) == (direction == "lower") else "worse"
+    return {
+        "mean_diff": float(d.mean()),
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "p_better": p_better,
+        "n": int(d.size),
+        "verdict": verdict,
+    }

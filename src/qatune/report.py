@@ -1,6 +1,10 @@
 """The evaluation report: what metrics/report.md says, the metrics/evaluate.json it summarises, and the
 plots. Pure functions of the score stages' outputs (qatune.scoring) and the measures (qatune.measures);
 `fmt` is the one number format of the report and the model cards.
+
+The report opens with the answer a reader wants: is the final model better than the base (and than the
+SFT-only model), on which measures, by how much, and how sure; every difference is paired by question and
+carries a bootstrap interval. The tables, the DPO reward, sample and demo answers and the cost follow.
 """
 
 from __future__ import annotations
@@ -17,11 +21,19 @@ from qatune.measures import (
     implicit_reward,
     is_safety,
     likelihood_metrics,
+    pair_by_id,
+    paired_bootstrap,
+    per_question_generation,
+    per_question_likelihood,
     rouge_l,
     words,
 )
 
 MODELS = ("base", "sft", "final")  # one score stage each, in report order
+COMPARISONS = (("final", "base"), ("final", "sft"))  # (new, old): each difference is new − old
+# 2,000 resamples leave 50 resampled means beyond each end of a 95 % interval: between seeds an end moves
+# by a few percent of the interval's width, far less than the width itself.
+BOOTSTRAP = {"resamples": 2000, "level": 0.95}
 
 
 def is_number(value: Any) -> bool:
@@ -140,24 +152,59 @@ def evaluation(docs: dict[str, dict], beta: float) -> tuple[dict, list[dict], li
     return metrics, records, demo_records(docs)
 
 
+def paired_questions(docs: dict[str, dict], label: str = "test") -> dict[tuple[str, str], dict[str, dict]]:
+    """Each comparison's per-question values, paired by row id: {(new, old): {key: {"ids", new, old}}}.
+
+    Only measures that exist per question and for both models (SFT answers nothing, so final vs SFT
+    compares likelihood only); questions without a value for either (no rejected answer, not a safety
+    case) are left out of that measure.
+    """
+    values: dict[str, dict[str, tuple[list, list]]] = {}
+    for name in MODELS:
+        part = docs[name]["sets"][label]
+        ids = [r.get("id") for r in part["rows"]]
+        per = {k: (ids, v) for k, v in per_question_likelihood(part["scores"]).items()}
+        if "answers" in part:
+            n = len(part["answers"])
+            generated = per_question_generation(
+                part["rows"][:n],
+                part["answers"],
+                part["finished"],
+                part.get("similarity"),
+                part.get("similarity_rejected"),
+            )
+            per.update({k: (ids[:n], v) for k, v in generated.items()})
+        values[name] = per
+    out: dict[tuple[str, str], dict[str, dict]] = {}
+    for new, old in COMPARISONS:
+        out[(new, old)] = {}
+        for key, _, _ in PER_QUESTION:
+            if key in values[new] and key in values[old]:
+                ids, a, b = pair_by_id((new, old), *values[new][key], *values[old][key])
+                if ids:
+                    out[(new, old)][key] = {"ids": ids, new: a, old: b}
+    return out
+
+
+def differences(paired: dict[tuple[str, str], dict[str, dict]], seed: int) -> dict[str, Any]:
+    """metrics/evaluate.json's `differences`: per comparison and measure, both models' means over the
+    paired questions and the paired bootstrap of the mean difference (qatune.measures.paired_bootstrap)."""
+    out: dict[str, Any] = {"method": {**BOOTSTRAP, "seed": seed, "unit": "test question"}}
+    for (new, old), block in paired.items():
+        out[f"{new}_vs_{old}"] = {
+            key: {
+                "direction": direction or "context",
+                old: float(block[key][old].mean()),
+                new: float(block[key][new].mean()),
+                **paired_bootstrap(block[key][new] - block[key][old], seed, direction, **BOOTSTRAP),
+            }
+            for key, _, direction in PER_QUESTION
+            if key in block
+        }
+    return out
+
+
 # --------------------------------------------------------------------------- report
-
-
-def pick_samples(rows: list[dict[str, Any]], n: int) -> list[int]:
-    """Indices of `n` rows for the report: one per topic in turn, safety cases first within a topic."""
-    if n <= 0:
-        return []
-    by_topic: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_topic.setdefault(str(row.get("topic")), []).append(i)
-    for indices in by_topic.values():
-        indices.sort(key=lambda i: not is_safety(rows[i]))
-    picked: list[int] = []
-    while len(picked) < min(n, len(rows)):
-        for topic in sorted(by_topic):
-            if by_topic[topic] and len(picked) < n:
-                picked.append(by_topic[topic].pop(0))
-    return sorted(picked)
 
 
 # (key, label, which way is better: "lower", "higher" or "" for context only)
@@ -177,16 +224,35 @@ MEASURES = [
 ]
 
 
-def verdict(models: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """(measures where final beats base, measures where it is worse), by each measure's direction."""
-    better, worse = [], []
-    for key, label, direction in MEASURES:
-        b, f = models["base"].get(key), models["final"].get(key)
-        if not direction or b is None or f is None or b == f:
-            continue
-        improved = f < b if direction == "lower" else f > b
-        (better if improved else worse).append(label)
-    return better, worse
+# The measures compared question by question: two likelihood ones that only exist per question, then
+# every measure of MEASURES that has a per-question form. Not here: the corpus NLL and perplexity
+# (token-weighted over all answers; question_nll is their paired form) and the summed log-prob preference
+# accuracy (length-biased, so 0 for every model on the bundled data).
+PER_QUESTION = [
+    ("question_nll", "answer NLL per question (nats/token, reference answers)", "lower"),
+    ("preference_margin", "preference margin, per-token log-prob chosen − rejected", "higher"),
+] + [
+    m
+    for m in MEASURES
+    if m[0]
+    in (
+        "preference_accuracy",
+        "rouge_l",
+        "semantic_similarity",
+        "closer_to_chosen",
+        "safety_score",
+        "unfinished_rate",
+        "repeated_4gram_rate",
+        "answer_words_mean",
+        "referral_rate_other",
+    )
+]
+NOT_PER_QUESTION = (
+    "the corpus answer NLL and perplexity (token-weighted over all answers, not per question; the "
+    "per-question answer NLL is their paired form), the DPO implicit reward (a final-vs-SFT quantity "
+    "already, in its own table) and the summed log-prob preference accuracy (left out: it is length-biased "
+    "towards the shorter answer)"
+)
 
 
 def measures_table(models: dict[str, dict], names: Sequence[str]) -> str:
@@ -209,24 +275,184 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line if line else ">" for line in (text or "(empty)").splitlines())
 
 
-def render_report(metrics: dict, records: list[dict], demos: list[dict], samples: int) -> str:
+def signed(value: float, decimals: int | None = None) -> str:
+    """A difference: sign shown, exactly zero as "0"; 3 significant digits unless `decimals` is given."""
+    if value == 0:
+        return "0"
+    return f"{value:+.3g}" if decimals is None else f"{value:+.{decimals}f}"
+
+
+def interval(stats: dict) -> str:
+    """ "mean [low, high]" to two significant digits of the interval's width, so the digits shown are the
+    ones the data can tell apart; an end that is not zero never prints as zero."""
+    low, high = stats["ci_low"], stats["ci_high"]
+    decimals = 1 - math.floor(math.log10(high - low)) if high > low else 3
+    for end in (low, high):
+        if end != 0:
+            decimals = max(decimals, -math.floor(math.log10(abs(end))))
+    decimals = min(max(decimals, 0), 8)
+    return f"{signed(stats['mean_diff'], decimals)} [{signed(low, decimals)}, {signed(high, decimals)}]"
+
+
+SHOWN = {"base": "base", "sft": "SFT", "final": "final"}  # model names in the report's sentences
+
+
+def difference_summary(new: str, old: str, block: dict[str, dict], questions: int) -> list[str]:
+    """The opening's sentences for one comparison: the count, then each verdict's measures with numbers."""
+    labels = {key: label for key, label, _ in PER_QUESTION}
+    groups: dict[str, list[str]] = {"better": [], "worse": [], "no change": [], "context": []}
+    for key, stats in block.items():
+        where = "" if stats["n"] == questions else f" (on {stats['n']} question{'s' * (stats['n'] != 1)})"
+        group = "context" if stats["direction"] == "context" else stats["verdict"]
+        groups[group].append(f"{labels[key]}: {interval(stats)}{where}")
+    better, worse, same = (len(groups[g]) for g in ("better", "worse", "no change"))
+    head = (
+        f"**{SHOWN[new].capitalize()} vs {SHOWN[old]}: better on {better} of {better + worse + same} "
+        f"measures, worse on {worse or 'none'}**; {same} not distinguishable from no change on these "
+        f"{questions} questions."
+    )
+    out = [head, ""]
+    for group, title in (
+        ("better", "Better (the 95% interval excludes zero)"),
+        ("worse", "Worse (the 95% interval excludes zero)"),
+        (
+            "no change",
+            f"Not distinguishable from no change on {questions} questions (the interval includes zero)",
+        ),
+        ("context", "Context, neither better nor worse"),
+    ):
+        if groups[group]:
+            out += [f"- {title}:", *(f"  - {item}" for item in groups[group])]
+    return out + [""]
+
+
+def differences_table(new: str, old: str, block: dict[str, dict]) -> str:
+    labels = {key: label for key, label, _ in PER_QUESTION}
+    head = (
+        f"| measure | better | {SHOWN[old]} | {SHOWN[new]} | {SHOWN[new]} − {SHOWN[old]} [95% interval] | "
+        f"P({SHOWN[new]} better) | questions "
+        "| verdict |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = [
+        f"| {labels[key]} | {s['direction']} | {fmt(s[old])} | {fmt(s[new])} | {interval(s)} | "
+        + ("–" if s["p_better"] is None else f"{100 * s['p_better']:.1f}%")
+        + f" | {s['n']} | {s['verdict']} |"
+        for key, s in block.items()
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
+    """The report's first section: is the final model better, where, by how much, and how sure."""
+    diffs = metrics.get("differences") or {}
+    method, questions = diffs.get("method") or {}, metrics["test_rows"]
+    out = ["## Is the tuned model better than the base?", ""]
+    if not diffs.get("final_vs_base"):
+        return out + ["No per-question scores to compare.", ""]
+    out += [
+        f"The final model (SFT + DPO) against the base on the {questions} held-out test questions, and "
+        "against the SFT-only model on the likelihood of the reference answers (the SFT model answers no "
+        "questions). Each number is the mean per-question difference, final minus the other model, with "
+        "its 95% interval.",
+        "",
+    ]
+    for new, old in COMPARISONS:
+        if diffs.get(f"{new}_vs_{old}"):
+            out += difference_summary(new, old, diffs[f"{new}_vs_{old}"], questions)
+    for new, old in COMPARISONS:
+        if diffs.get(f"{new}_vs_{old}"):
+            out += [differences_table(new, old, diffs[f"{new}_vs_{old}"])]
+    out += [
+        f"How sure: a paired bootstrap over the test questions. Each measure is taken per question for both "
+        f"models, and the questions are resampled with replacement {method['resamples']:,} times (seed "
+        f"{method['seed']}); the interval holds the central {method['level']:.0%} of the resampled mean "
+        "differences, and P(final better) is the share of resamples where the final model comes out "
+        "ahead. An interval that includes zero means these questions cannot tell the change from no "
+        "change. A measure's mean over questions can differ from the table below where that one is "
+        f"token-weighted. No interval for {NOT_PER_QUESTION}.",
+        "",
+    ]
+    if plot_dir is not None:
+        out += [f"![per-question differences, final − base]({plot_dir}/per_question.png)", ""]
+    return out
+
+
+def pick_changes(records: list[dict[str, Any]], n: int, key: str) -> list[tuple[int, str, float]]:
+    """(index, "better" or "worse", final − base of `key`) for `n` answers: the (n + 1) // 2 that gained
+    most, then the n // 2 that lost most. An unchanged answer is neither; a side with fewer changes
+    shows fewer."""
+    changes = [
+        (i, r[f"final_{key}"] - r[f"base_{key}"])
+        for i, r in enumerate(records)
+        if is_number(r.get(f"final_{key}")) and is_number(r.get(f"base_{key}"))
+    ]
+    gains = sorted((c for c in changes if c[1] > 0), key=lambda c: (-c[1], c[0]))[: (n + 1) // 2]
+    losses = sorted((c for c in changes if c[1] < 0), key=lambda c: (c[1], c[0]))[: n // 2]
+    return [(i, "better", d) for i, d in gains] + [(i, "worse", d) for i, d in losses]
+
+
+SAMPLE_MEASURES = {  # what picks the sample answers, the first one the records have
+    "similarity": "similarity to the reference answer (MiniLM cosine)",
+    "rouge_l": "ROUGE-L F1 against the reference answer",
+}
+
+
+def render_samples(records: list[dict], samples: int) -> list[str]:
+    """The test answers that changed most between base and final, each labelled better or worse."""
+    test = [r for r in records if r["set"] == "test"]
+    key = next((k for k in SAMPLE_MEASURES if test and is_number(test[0].get(f"final_{k}"))), None)
+    picked = pick_changes(test, samples, key) if key else []
+    if not picked:
+        return []
+    label = SAMPLE_MEASURES[key]
+    gained = sum(1 for _, which, _ in picked if which == "better")
+    out = [
+        "## Sample answers: where the final model got better, and worse",
+        "",
+        f"Picked by one per-question measure, the {label}, final − base: the {gained} test questions where "
+        f"it rose most, then the {len(picked) - gained} where it fell most. One number picks them; read the "
+        "answers to judge them.",
+        "",
+    ]
+    for i, which, change in picked:
+        r = test[i]
+        tag = f"{r.get('topic')}" + (", safety case" if r.get("safety") else "")
+        out += [
+            f"### {which.capitalize()} ({signed(change)}): {r['question']}",
+            f"*{tag} · {label}: base {fmt(r[f'base_{key}'])} → final {fmt(r[f'final_{key}'])}*",
+            "",
+            "**Reference**",
+            "",
+            _quote(r["reference"]),
+            "",
+            f"**Base** (similarity {fmt(r.get('base_similarity'))}, ROUGE-L {fmt(r.get('base_rouge_l'))})",
+            "",
+            _quote(r["base_answer"]),
+            "",
+            f"**Final** (similarity {fmt(r.get('final_similarity'))}, ROUGE-L {fmt(r.get('final_rouge_l'))})",
+            "",
+            _quote(r["final_answer"]),
+            "",
+        ]
+    return out
+
+
+def render_report(
+    metrics: dict, records: list[dict], demos: list[dict], samples: int, plot_dir: str | None = None
+) -> str:
+    """metrics/report.md; `plot_dir`: the plots folder relative to the report, for the opening's plot."""
     models = metrics["models"]
-    better, worse = verdict(models)
     settings = metrics["settings"]
     out = [
         "# qatune evaluation report",
+        "",
+        *render_opening(metrics, plot_dir),
+        "## Test split: base vs SFT vs final",
         "",
         f"Test split: {metrics['test_rows']} held-out questions scored, {metrics['generated_rows']} answered by "
         f"the base and the final model (greedy, at most {settings['max_new_tokens']} new tokens). "
         f"git {metrics.get('git_commit') or 'unknown'}. Every number is in `metrics/evaluate.json`; every "
         "answer in `metrics/evaluate/generations.jsonl`.",
-        "",
-        "## Verdict",
-        "",
-        f"The final model beats the base on **{len(better)} of {len(better) + len(worse)}** measures"
-        + (f"; worse on: {', '.join(worse)}." if worse else "."),
-        "",
-        "## Test split: base vs SFT vs final",
         "",
         measures_table(models, MODELS),
         "SFT is scored by likelihood only; generation compares the base with the final model. "
@@ -247,30 +473,7 @@ def render_report(metrics: dict, records: list[dict], demos: list[dict], samples
         ]
     for name, extra in (metrics.get("extra") or {}).items():
         out += [f"## Extra set: {name}", "", measures_table(extra["models"], MODELS)]
-    test_records = [r for r in records if r["set"] == "test"]
-    picked = pick_samples(test_records, samples)
-    if picked:
-        out += ["## Sample answers, side by side", ""]
-        for i in picked:
-            r = test_records[i]
-            tag = f"{r.get('topic')}" + (", safety case" if r.get("safety") else "")
-            out += [
-                f"### {r['question']}",
-                f"*{tag}*",
-                "",
-                "**Reference**",
-                "",
-                _quote(r["reference"]),
-                "",
-                f"**Base** (ROUGE-L {fmt(r.get('base_rouge_l'))})",
-                "",
-                _quote(r["base_answer"]),
-                "",
-                f"**Final** (ROUGE-L {fmt(r.get('final_rouge_l'))})",
-                "",
-                _quote(r["final_answer"]),
-                "",
-            ]
+    out += render_samples(records, samples)
     if demos:
         out += ["## Demo questions (not in the dataset)", ""]
         for d in demos:
@@ -301,8 +504,11 @@ def render_report(metrics: dict, records: list[dict], demos: list[dict], samples
     return "\n".join(out)
 
 
-def write_plots(metrics: dict, records: list[dict], out_dir) -> None:
-    """A DVC bar plot (scores.json) and two PNGs: the bounded scores per model, and answer lengths."""
+def write_plots(
+    metrics: dict, records: list[dict], out_dir, paired: dict[tuple[str, str], dict] | None = None
+) -> None:
+    """A DVC bar plot (scores.json) and PNGs: the bounded scores per model, answer lengths, and (given
+    the paired per-question values) the per-question differences final − base."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,4 +556,50 @@ def write_plots(metrics: dict, records: list[dict], out_dir) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "answer_lengths.png", dpi=110)
+    plt.close(fig)
+    if paired is not None:
+        write_difference_plot(paired.get(("final", "base"), {}), metrics.get("differences") or {}, out_dir)
+
+
+PLOTTED = {  # per-question differences drawn in per_question.png, final − base, with short titles
+    "question_nll": "answer NLL (nats/token)",
+    "preference_margin": "preference margin (nats/token)",
+    "semantic_similarity": "similarity to the reference",
+}
+
+
+def write_difference_plot(block: dict[str, dict], diffs: dict[str, Any], out_dir: Path) -> None:
+    """per_question.png: one panel per measure, every test question's final − base sorted, bars coloured
+    by better or worse, zero marked, the mean and its bootstrap interval as a line and a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directions = {key: direction for key, _, direction in PER_QUESTION}
+    stats = diffs.get("final_vs_base") or {}
+    keys = [k for k in PLOTTED if k in block] or ["question_nll"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = block.get(key)
+        d = sorted(values["final"] - values["base"]) if values else []
+        lower = directions[key] == "lower"
+        colours = ["tab:gray" if v == 0 else "tab:green" if (v < 0) == lower else "tab:red" for v in d]
+        ax.bar(range(len(d)), d, width=1.0, color=colours)
+        ax.axhline(0, color="black", linewidth=1)
+        s = stats.get(key)
+        if s:
+            ax.axhline(s["mean_diff"], color="tab:blue", linestyle="--", linewidth=1)
+            ax.axhspan(s["ci_low"], s["ci_high"], color="tab:blue", alpha=0.15)
+            gained = sum(1 for v in d if v != 0 and (v < 0) == lower)
+            ax.set_title(
+                f"{PLOTTED[key]}, final − base\nmean {interval(s)}, final better on {gained} of {len(d)}",
+                fontsize=10,
+            )
+        else:
+            ax.set_title(f"{PLOTTED[key]}, final − base", fontsize=10)
+        ax.set_xlabel(f"test questions, sorted ({directions[key]} is better: green)")
+    axes[0][0].set_ylabel("final − base, per question")
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / "per_question.png", dpi=110)
     plt.close(fig)

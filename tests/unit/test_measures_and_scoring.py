@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
-from qatune import generation, measures, report, scoring
+from qatune import generation, measures, scoring
 from qatune.chat import conversation
 from qatune.errors import QatuneError
 
@@ -71,22 +72,100 @@ def test_generation_metrics_split_safety_and_other_questions():
     assert 0 < out["rouge_l"] < 1 and "semantic_similarity" not in out
 
 
-def test_pick_samples_covers_topics_and_puts_safety_cases_first():
-    rows = [
-        {"topic": t, "meta": {"safety": s}}
-        for t, s in [("a", False), ("a", True), ("b", False), ("c", False)]
+def test_bootstrap_of_identical_models_is_exactly_zero_and_no_change():
+    scores = np.random.default_rng(1).normal(3.0, 0.5, size=40)
+    out = measures.paired_bootstrap(scores - scores, seed=42, direction="lower")
+    assert (out["mean_diff"], out["ci_low"], out["ci_high"]) == (0.0, 0.0, 0.0)
+    assert out["verdict"] == "no change" and out["p_better"] == 0.0 and out["n"] == 40
+
+
+def test_bootstrap_interval_excludes_zero_for_a_clear_shift_and_has_the_normal_width():
+    d = np.random.default_rng(2).normal(0.0, 1.0, size=400)
+    d = d - d.mean() + 0.5  # mean exactly 0.5, sd about 1: the standard error is about 0.05
+    up = measures.paired_bootstrap(d, seed=7, direction="higher")
+    assert up["mean_diff"] == pytest.approx(0.5) and 0 < up["ci_low"] < 0.5 < up["ci_high"]
+    assert up["verdict"] == "better" and up["p_better"] == 1.0
+    assert up["ci_high"] - up["ci_low"] == pytest.approx(2 * 1.96 * d.std() / math.sqrt(d.size), rel=0.15)
+    down = measures.paired_bootstrap(d, seed=7, direction="lower")  # the same change where lower is better
+    assert down["verdict"] == "worse" and down["p_better"] == 0.0
+    assert (down["ci_low"], down["ci_high"]) == (up["ci_low"], up["ci_high"])
+    context = measures.paired_bootstrap(-d, seed=7, direction="")
+    assert context["verdict"] == "lower" and context["p_better"] is None
+    # A small shift under the same noise is not distinguishable from no change.
+    assert measures.paired_bootstrap(d - 0.49, seed=7)["verdict"] == "no change"
+
+
+def test_bootstrap_is_deterministic_given_the_seed():
+    d = np.random.default_rng(3).normal(0.1, 1.0, size=50)
+    assert measures.paired_bootstrap(d, seed=5) == measures.paired_bootstrap(list(d), seed=5)
+    assert measures.paired_bootstrap(d, seed=5)["ci_low"] != measures.paired_bootstrap(d, seed=6)["ci_low"]
+    with pytest.raises(QatuneError, match="no paired questions"):
+        measures.paired_bootstrap([], seed=5)
+
+
+def test_pair_by_id_matches_questions_by_id_and_drops_missing_values():
+    ids, a, b = measures.pair_by_id(
+        ("final", "base"),
+        ["q1", "q2", "q3", "q4"],
+        [1.0, 2.0, None, 4.0],
+        ["q3", "q4", "q1", "q2"],
+        [30.0, 40.0, 10.0, None],
+    )
+    assert ids == ["q1", "q4"] and a.tolist() == [1.0, 4.0] and b.tolist() == [10.0, 40.0]
+
+
+@pytest.mark.parametrize(
+    ("ids", "other_ids", "message"),
+    [
+        (
+            ["q1", "q2"],
+            ["q1", "q9"],
+            r"final and base scored different questions \(1 only in final, 1 only in base",
+        ),
+        (["q1", "q1"], ["q1", "q2"], r"final: row id 'q1' appears twice"),
+        (["q1", None], ["q1", "q2"], r"final: a scored row has no id"),
+        (["q1", "q2"], ["q1"], r"base: 1 row ids for 2 values"),
+    ],
+)
+def test_pair_by_id_refuses_rows_that_do_not_pair_with_one_line(ids, other_ids, message):
+    with pytest.raises(QatuneError, match=message) as err:
+        measures.pair_by_id(("final", "base"), ids, [1.0, 2.0], other_ids, [1.0, 2.0])
+    assert "\n" not in str(err.value)
+
+
+def test_per_question_measures_average_to_the_corpus_measures():
+    scores = [
+        {"chosen_logp": -20.0, "chosen_tokens": 10, "rejected_logp": -3.0, "rejected_tokens": 1},
+        {"chosen_logp": -10.0, "chosen_tokens": 10, "rejected_logp": -30.0, "rejected_tokens": 10},
+        {"chosen_logp": -5.0, "chosen_tokens": 5},
     ]
-    picked = report.pick_samples(rows, 3)
-    assert picked == [1, 2, 3]  # one per topic, the safety case for topic a
-    assert report.pick_samples(rows, 10) == [0, 1, 2, 3] and report.pick_samples(rows, 0) == []
+    per = measures.per_question_likelihood(scores)
+    assert per["question_nll"] == [2.0, 1.0, 1.0]  # each question weighs the same: mean 4/3, corpus 35/25
+    assert per["preference_margin"] == [pytest.approx(1.0), pytest.approx(2.0), None]
+    assert per["preference_accuracy"] == [1.0, 1.0, None]
+    assert (
+        measures.mean(per["preference_accuracy"])
+        == measures.likelihood_metrics(scores)["preference_accuracy"]
+    )
 
-
-def test_verdict_uses_each_measures_direction():
-    models = {"base": {"nll": 3.0, "safety_score": 0.5, "answer_words_mean": 10}, "sft": {}}
-    models["final"] = {"nll": 2.5, "safety_score": 0.4, "answer_words_mean": 90}
-    better, worse = report.verdict(models)
-    assert any("NLL" in b for b in better) and any("safety" in w for w in worse)
-    assert not any("length" in x for x in better + worse)  # context only
+    rows = [
+        {"chosen": "see a doctor about chest pain", "meta": {"safety": True}},
+        {"chosen": "eat protein with every meal", "meta": {"safety": False}},
+    ]
+    answers, finished, similarity, rejected = (
+        ["Please see a doctor.", "Eat protein."],
+        [True, False],
+        [0.9, 0.2],
+        [
+            0.1,
+            None,
+        ],
+    )
+    per = measures.per_question_generation(rows, answers, finished, similarity, rejected)
+    corpus = measures.generation_metrics(rows, answers, finished, similarity, [0.9 > 0.1])
+    for key, values in per.items():
+        assert measures.mean(values) == pytest.approx(corpus[key]), key
+    assert per["safety_score"] == [1.0, None] and per["closer_to_chosen"] == [1.0, None]
 
 
 def test_extra_eval_file_bad_row_names_file_line_and_field(tmp_path):
