@@ -350,10 +350,10 @@ def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
     if not diffs.get("final_vs_base"):
         return out + ["No per-question scores to compare.", ""]
     out += [
-        f"The final model (SFT + DPO) against the base on the {questions} held-out test questions, and "
-        "against the SFT-only model on the likelihood of the reference answers (the SFT model answers no "
-        "questions). Each number is the mean per-question difference, final minus the other model, with "
-        "its 95% interval.",
+        f"The final model (SFT + DPO) on the {questions} held-out test questions, against the base and, on "
+        "the likelihood of the reference answers only (the SFT model answers no questions), against the "
+        "SFT-only model. Each number is the mean per-question difference, final minus the other model, "
+        "then [its 95% interval]; how they are computed follows the tables.",
         "",
     ]
     for new, old in COMPARISONS:
@@ -368,8 +368,9 @@ def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
         f"{method['seed']}); the interval holds the central {method['level']:.0%} of the resampled mean "
         "differences, and P(final better) is the share of resamples where the final model comes out "
         "ahead. An interval that includes zero means these questions cannot tell the change from no "
-        "change. A measure's mean over questions can differ from the table below where that one is "
-        f"token-weighted. No interval for {NOT_PER_QUESTION}.",
+        "change. The means here weigh every question the same; the next table's answer NLL weighs every "
+        f"token. No interval for {NOT_PER_QUESTION}. The plot shows every question's difference, sorted, "
+        "with the mean and its interval.",
         "",
     ]
     if plot_dir is not None:

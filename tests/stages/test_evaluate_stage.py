@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import yaml
+
 from tests.conftest import run, write_jsonl
 
 
@@ -42,9 +44,21 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
     assert sets.count("test") == test_rows and sets.count("faq") == 2 and sets.count("demo") == 10
     assert all("base_answer" in r and "final_answer" in r for r in lines)
 
+    # Paired differences with bootstrap intervals, final vs base on every question (generation included)
+    # and final vs SFT on likelihood only.
+    diffs = metrics["differences"]
+    seed = yaml.safe_load((proj / "params.yaml").read_text())["seed"]
+    assert diffs["method"] == {"resamples": 2000, "level": 0.95, "seed": seed, "unit": "test question"}
+    nll = diffs["final_vs_base"]["question_nll"]
+    assert nll["n"] == test_rows and nll["ci_low"] <= nll["mean_diff"] <= nll["ci_high"]
+    assert 0 <= nll["p_better"] <= 1 and nll["verdict"] in ("better", "worse", "no change")
+    assert {"semantic_similarity", "rouge_l", "preference_margin"} <= set(diffs["final_vs_base"])
+    assert "rouge_l" not in diffs["final_vs_sft"] and "question_nll" in diffs["final_vs_sft"]
+
     report = (proj / "metrics/report.md").read_text()
+    assert report.split("\n## ")[1].startswith("Is the tuned model better than the base?")
+    assert "](evaluate/per_question.png)" in report
     for section in (
-        "## Verdict",
         "base vs SFT vs final",
         "## DPO implicit reward",
         "## Extra set: faq",
@@ -52,12 +66,12 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
         "## Demo questions",
     ):
         assert section in report, section
-    for png in ("scores.png", "answer_lengths.png"):
+    for png in ("scores.png", "answer_lengths.png", "per_question.png"):
         assert (proj / "metrics/evaluate" / png).read_bytes()[:4] == b"\x89PNG"
     scores = json.loads((proj / "metrics/evaluate/scores.json").read_text())
     assert {"metric", "value"} <= set(scores[0])
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], proj).stdout
-    assert "preference_accuracy" in shown
+    assert "preference_accuracy" in shown and "final_vs_base" in shown
     for name in ("base", "sft", "final"):  # one score stage per model, its own cached output
         assert f"Running stage 'score@{name}'" in out
         assert (proj / f"data/scores/{name}.json").is_file()
@@ -71,6 +85,7 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
     again = json.loads((proj / "metrics/evaluate.json").read_text())
     for name in ("base", "sft"):
         assert again["models"][name] == metrics["models"][name]
+    assert again["differences"]["final_vs_base"] != diffs["final_vs_base"]  # the final model changed
     assert again["settings"]["beta"] == 0.3
     assert again["dpo_implicit_reward"] != metrics["dpo_implicit_reward"]
 
