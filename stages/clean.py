@@ -3,8 +3,9 @@
     python stages/clean.py --params params.yaml --raw data/raw --model models/base \
         --out data/clean/rows.jsonl --rejects data/clean/rejects.jsonl --metrics metrics/clean.json
 
-Reads `clean` and `fetch.sources` (for each source's format) from params. Token lengths are measured
-with the base model's own tokenizer and chat template. kept + dropped == read, always.
+Reads `clean`, `fetch.sources` (for each source's format) and `dpo.method` from params (with kto,
+a label-false completion with no good partner is kept alone for KTO, never as an answer). Token
+lengths are measured with the base model's own tokenizer and chat template. kept + dropped == read.
 """
 
 from __future__ import annotations
@@ -61,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
 
     c = params.clean
     result = clean_rows(
-        envelopes, formats, token_counter(args.model), c.max_prompt_length, c.max_length, c.max_field_chars
+        envelopes,
+        formats,
+        token_counter(args.model),
+        c.max_prompt_length,
+        c.max_length,
+        c.max_field_chars,
+        keep_unpaired_bad=params.dpo.method == "kto",  # KTOTrainer learns a bad answer alone
     )
     if not result.kept:
         first = result.rejects[0] if result.rejects else None

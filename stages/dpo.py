@@ -1,13 +1,18 @@
-"""dpo: preference optimisation of the SFT adapter (TRL DPOTrainer); the reference model is the SFT model.
+"""dpo: preference optimisation of the SFT adapter: TRL's DPOTrainer on pairs or KTOTrainer on
+unpaired answers (`dpo.method`); the reference model is the SFT model.
 
     python stages/dpo.py --params params.yaml --model models/base --sft models/sft --data data/split \
         --out models/dpo --checkpoints models/dpo-checkpoints --metrics metrics/dpo.json --plots metrics/dpo
 
-Reads `seed`, `beta`, `train` and `dpo`. The SFT adapter is loaded trainable on the base model with no
-peft_config, so TRL keeps a frozen copy of it as the reference (step 0: margins 0, loss ln 2) and the
-final adapter stays relative to the original base. Validation pairs are measured before and after training.
-With `dpo.enabled: false` the SFT adapter is copied to --out unchanged, so downstream stages always read
---out. Killed mid-run, it resumes like sft.
+Reads `seed`, `beta`, `train`, `dpo` and `sft.enabled`. The SFT adapter is loaded trainable on the base
+model with no peft_config, so TRL keeps a frozen copy of it as the reference (step 0: margins 0, loss
+ln 2) and the final adapter stays relative to the original base. With `sft.enabled: false` (seed 000) a
+new LoRA adapter is trained straight from the base, and the reference is the base itself.
+`dpo.method: dpo` trains chosen/rejected pairs with TRL's DPO losses (`loss_type`, several combined by
+`loss_weights`); `kto` trains every answer on its own, chosen ones as desirable and rejected ones (and
+lone bad answers of unpaired data) as undesirable. Validation rows are measured before and after
+training. With `dpo.enabled: false` the SFT adapter is copied to --out unchanged, so downstream stages
+always read --out. Killed mid-run, it resumes like sft.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
-from qatune.chat import dpo_example, use_training_template
+from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
@@ -79,9 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     train, cfg = params.train, params.dpo
-    require(args.sft, "SFT adapter")
+    require(args.sft, "SFT adapter" if params.sft.enabled else "sft stage output")
     if not cfg.enabled:
         return pass_through(args)
+    if params.sft.enabled and not modeling.is_adapter(args.sft):
+        raise QatuneError(f"{args.sft}: no LoRA adapter (adapter_config.json) although sft.enabled is true")
     training.relaunch_distributed(train)
 
     import torch
@@ -93,11 +100,17 @@ def main(argv: list[str] | None = None) -> None:
     modeling.import_backend(hw["backend"])
     from datasets import Dataset
     from peft import PeftModel
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
     published, kwargs, _ = use_training_template(tokenizer, train.enable_thinking)  # publish the original
-    model = PeftModel.from_pretrained(model, args.sft, is_trainable=True)
+    peft_config = None
+    if params.sft.enabled:
+        model = PeftModel.from_pretrained(model, args.sft, is_trainable=True)
+    elif hw["backend"] == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
+        model = modeling.unsloth_peft(model, train, params.seed)
+    else:  # TRL wraps the base in a new adapter and scores the reference with the adapter disabled
+        peft_config = modeling.lora_config(train)
 
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
     data = Path(args.data)
@@ -116,45 +129,71 @@ def main(argv: list[str] | None = None) -> None:
             )
             for s, rs in rows.items()
         }
-    pairs = {s: [r for r in rs if r.get("rejected")] for s, rs in rows.items()}
-    if cfg.max_steps > 0:  # only the pairs the run will see: reference log-probs are precomputed for all
+    if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
+        examples = {
+            s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()
+        }
+    else:  # pairs: a lone bad answer (no chosen) of unpaired data has no partner to compare with
+        examples = {
+            s: [dpo_example(r, train.system_prompt, kwargs) for r in rs if r["chosen"] and r.get("rejected")]
+            for s, rs in rows.items()
+        }
+    if cfg.max_steps > 0:  # only the rows the run will see: reference log-probs are precomputed for all
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        pairs["train"] = pairs["train"][: cfg.max_steps * cfg.batch_size * cfg.grad_accum * world]
-    if not pairs["train"]:
+        examples["train"] = examples["train"][: cfg.max_steps * cfg.batch_size * cfg.grad_accum * world]
+    if not examples["train"]:
         raise QatuneError(
             f"{data / 'train.jsonl'}: no rows with a rejected answer; set dpo.on_policy_pairs: true "
             "to make pairs from the SFT model's own answers, or dpo.enabled: false"
         )
-    sets = {
-        s: Dataset.from_list([dpo_example(r, train.system_prompt, kwargs) for r in ps])
-        for s, ps in pairs.items()
-    }
+    if cfg.method == "kto" and len({e["label"] for e in examples["train"]}) < 2:
+        raise QatuneError(
+            f"{data / 'train.jsonl'}: KTO needs both desirable and undesirable answers among the "
+            f"{len(examples['train'])} training rows it uses; these have only one kind"
+        )
+    sets = {s: Dataset.from_list(es) for s, es in examples.items()}
 
     # ---- checkpoints: resumed only when they belong to these params blocks, data, base, SFT and code
     blocks = params.model_dump(include={"seed", "beta", "train", "dpo"})
+    blocks["sft_enabled"] = params.sft.enabled
     base_info = json.loads((Path(args.model) / BASE_RECORD).read_text())
     data_hash = sha256_files([data / f"{s}.jsonl" for s in ("train", "val", "test")])
-    sft_hash = sha256_files([Path(args.sft) / "adapter_model.safetensors"])
+    sft_hash = sha256_files([Path(args.sft) / "adapter_model.safetensors"]) if params.sft.enabled else "none"
     stamp = training.fingerprint(blocks, data_hash, json.dumps(base_info, sort_keys=True), sft_hash)
     resume = training.prepare_checkpoints(Path(args.checkpoints), stamp)
     start_step = training.resume_step(Path(args.checkpoints)) if resume else 0
 
     # ---- trainer
-    config = DPOConfig(
+    common = {
         **training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),
-        beta=params.beta,
-        loss_type=list(cfg.loss_type),
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-        truncation_mode="keep_start",
-    )
+        "beta": params.beta,
+        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+    }
+    if cfg.method == "kto":
+        config = KTOConfig(
+            **common,
+            loss_type=cfg.loss_type[0],
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+        )
+        Trainer = KTOTrainer
+    else:
+        config = DPOConfig(
+            **common,
+            loss_type=list(cfg.loss_type),
+            loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
+            truncation_mode="keep_start",
+        )
+        Trainer = DPOTrainer
     with lm_head.in_trl_trainers(hw["lm_head"]):
-        trainer = DPOTrainer(
+        trainer = Trainer(
             model=model,
             ref_model=None,
             args=config,
             train_dataset=sets["train"],
             eval_dataset=sets["val"],
             processing_class=tokenizer,
+            peft_config=peft_config,
             callbacks=training.callbacks(cfg, "dpo"),
         )
 
@@ -170,12 +209,16 @@ def main(argv: list[str] | None = None) -> None:
     # ---- outputs
     logged = [e for e in trainer.state.log_history if "rewards/margins" in e]
     metrics = {
-        "method": "dpo",
+        "method": cfg.method,
         "enabled": True,
+        "loss_type": list(cfg.loss_type),
+        "loss_weights": cfg.loss_weights,
+        "reference": "sft" if params.sft.enabled else "base",
         **training.run_metrics(trainer, result, hw, runtime, start_step),
         "beta": params.beta,
-        "pairs": len(pairs["train"]),
-        "val_pairs": len(pairs["val"]),
+        # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
+        ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
+        ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
         "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
         "eval_before": training.eval_summary(before),
         "eval": training.eval_summary(after),
@@ -194,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             "params": blocks,
             "base_model": base_info,
             "data_sha256": data_hash,
-            "sft_adapter": args.sft,
+            "sft_adapter": args.sft if params.sft.enabled else None,
         },
     )
     print(

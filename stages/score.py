@@ -1,4 +1,4 @@
-"""score: one model (base, SFT or final) on the held-out test split and any extra evaluation files.
+"""score: one model (base, SFT or final) on the held-out split (`evaluate.split`) and any extra eval files.
 
     python stages/score.py --params params.yaml --model models/base --adapter models/dpo --name final \
         --data data/split --generate --out data/scores/final.json
@@ -50,11 +50,15 @@ def main(argv: list[str] | None = None) -> None:
     rows_cap, batch_size = params.evaluate.rows, params.evaluate.batch_size
     require(args.model, "base model")
     adapter = require(args.adapter, "adapter")
-    test_file = require(Path(args.data) / "test.jsonl", "test split")
+    held_out = params.evaluate.split  # `val` only where there is no test split (seed 004's 95/5)
+    test_file = require(Path(args.data) / f"{held_out}.jsonl", f"{held_out} split")
 
-    sets = {"test": read_jsonl(test_file)[: rows_cap or None]}
+    # the held-out rows with an answer to score (a lone bad answer, kept for KTO, has none)
+    sets = {"test": [r for r in read_jsonl(test_file) if r["chosen"]][: rows_cap or None]}
     if not sets["test"]:
-        raise QatuneError(f"{test_file}: the test split is empty (split.test is 0?)")
+        raise QatuneError(
+            f"{test_file}: no rows with an answer in the {held_out} split (split.{held_out} is 0?)"
+        )
     for extra in params.evaluate.extra_files:
         sets[extra.name] = scoring.read_eval_file(extra.path, extra.format)
 
@@ -111,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             out["sets"][label].update(part)
 
     out["settings"] = {
+        **({"split": held_out} if held_out != "test" else {}),
         "decoding": "greedy",
         "rows": rows_cap,
         "generate_rows": params.evaluate.generate_rows,

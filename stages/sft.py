@@ -7,23 +7,37 @@ Reads `seed`, `train` and `sft`. Loss is on assistant tokens only. Validation lo
 after training on the same rows. Writes the adapter + tokenizer + qatune_provenance.json to --out,
 metrics/sft.json, per-step curves (DVC plots) and history.csv. Killed mid-run, it resumes from the last
 checkpoint in --checkpoints when run again with the same params blocks, data, base model and code.
+With `sft.enabled: false` (seed 000: DPO straight from the base) --out holds no adapter, only a note
+saying so, and the dpo stage starts from the base with the base as its reference.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, training
 from qatune.chat import sft_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.io import read_jsonl
+from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.provenance import BASE_RECORD, require, sha256_files
 
 CURVES = {"loss": ["loss", "eval_loss"], "learning_rate": ["learning_rate"], "grad_norm": ["grad_norm"]}
+DISABLED = "qatune_sft_disabled.json"  # what --out holds when there is no SFT run
+
+
+def skip(args) -> None:
+    """SFT switched off: no adapter, and the metrics and the output folder say so."""
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    write_json(out / DISABLED, {"enabled": False, "adapter": None, "note": "sft.enabled is false"})
+    write_json(args.metrics, {"method": "none", "enabled": False, "adapter": None})
+    training.write_history([], Path(args.plots), CURVES)
+    print("sft: disabled (sft.enabled: false); the preference stage starts from the base model")
 
 
 @fail_cleanly
@@ -41,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     train, cfg = params.train, params.sft
+    if not cfg.enabled:
+        return skip(args)
     training.relaunch_distributed(train)
 
     import torch
@@ -60,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
     data = Path(args.data)
     rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
+    rows = {s: [r for r in rs if r["chosen"]] for s, rs in rows.items()}  # KTO's lone bad answers: never
     rows["val"] = rows["val"][: cfg.eval_rows or None]
     sets = {
         s: Dataset.from_list(

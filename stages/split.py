@@ -3,7 +3,9 @@
     python stages/split.py --params params.yaml --rows data/clean/rows.jsonl --out data/split \
         --metrics metrics/split.json
 
-Reads `seed` and `split` from params. Writes data/split/{train,val,test}.jsonl.
+Reads `seed`, `split` and the sources' `use_as` from params. Writes data/split/{train,val,test}.jsonl.
+A source with `use_as: val` (or train, test) is that split as given (seed 001's separate
+validation file); the other rows are split by `split.val` and `split.test`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
 
     rows = read_jsonl(args.rows)
-    splits = split_rows(rows, params.split.val, params.split.test, params.seed, params.split.stratify)
+    given = {src.name: src.use_as for src in params.fetch.sources if src.use_as}
+    splits = split_rows(rows, params.split.val, params.split.test, params.seed, params.split.stratify, given)
     for name in SPLITS:
         write_jsonl(Path(args.out) / f"{name}.jsonl", splits[name])
     counts = split_counts(splits)
     write_json(args.metrics, {"seed": params.seed, **counts})
-    print(f"split: {counts['rows']}")
+    print(f"split: {counts['rows']}" + (f" (as given: {given})" if given else ""))
+    if counts["questions_in_two_splits"]:
+        print(f"split: note: {counts['questions_in_two_splits']} questions are in two of the given splits")
 
 
 if __name__ == "__main__":

@@ -110,3 +110,15 @@ def dpo_example(row: dict, system_prompt: str | None, kwargs: dict | None = None
         "rejected": [{"role": "assistant", "content": row["rejected"]}],
     }
     return {**example, "chat_template_kwargs": kwargs} if kwargs else example
+
+
+def kto_examples(row: dict, system_prompt: str | None, kwargs: dict | None = None) -> list[dict]:
+    """TRL's unpaired preference rows from one canonical row: its chosen answer labelled good, its
+    rejected one labelled bad (a lone bad answer kept for KTO has only the second)."""
+    prompt = conversation(row, system_prompt)
+    out = [
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": row[key]}], "label": good}
+        for key, good in (("chosen", True), ("rejected", False))
+        if row.get(key)
+    ]
+    return [{**e, "chat_template_kwargs": kwargs} for e in out] if kwargs else out

@@ -9,8 +9,9 @@ whole file: a bad completion is paired with a good completion of the same prompt
 formats.prompt_key) in the same file, in file order, one bad per good. The pair is kept on the good
 row's line (chosen = good, rejected = bad); the bad row is written to the rejects file with reason
 `merged_into_pair` and the kept pair's line and id, so it is accounted for and nothing is lost. A bad
-completion with no good partner left is rejected as `unpaired_bad_completion`: it needs KTO. A bad
-completion is never a `chosen` answer. If only the bad answer keeps a pair out (prompt + rejected too
+completion with no good partner left is rejected as `unpaired_bad_completion`, unless the preference
+stage runs KTO (`keep_unpaired_bad`, from dpo.method: kto): then it is kept alone, with no `chosen`
+(chosen: null, rejected: the completion), for KTOTrainer only. A bad completion is never a `chosen` answer. If only the bad answer keeps a pair out (prompt + rejected too
 long), the bad row takes that reject and the good row is tried again alone.
 """
 
@@ -26,12 +27,14 @@ from typing import Any
 from qatune.errors import QatuneError
 from qatune.formats import (
     FORMATS,
+    KTO_HINT,
     Record,
     RowError,
     dedup_key,
     detect_format,
     prompt_key,
     to_canonical,
+    unpaired_bad_record,
     unpaired_completion,
 )
 
@@ -62,6 +65,7 @@ class CleanResult:
                 s: {"kept": c["kept"], "dropped": c["dropped"]} for s, c in sorted(by_source.items())
             },
             "with_rejected": sum(r["rejected"] is not None for r in self.kept),
+            "without_chosen": sum(r["chosen"] is None for r in self.kept),
         }
 
 
@@ -98,7 +102,7 @@ def record_id(rec: Record) -> str:
     key = "\x1f".join(
         [
             dedup_key(" ".join(t["content"] for t in rec["prompt"])),
-            dedup_key(rec["chosen"]),
+            dedup_key(rec["chosen"] or ""),
             dedup_key(rec["rejected"] or ""),
         ]
     )
@@ -150,8 +154,7 @@ def pair_unpaired(envelopes: list[dict[str, Any]], formats: dict[str, str], max_
                     lines = ", ".join(str(envelopes[g]["line"]) for g, _ in goods)
                     plan.left_over[bad] = (
                         f"label is false (a bad completion); every good completion of its prompt (line {lines}) "
-                        "is already paired with an earlier bad one or has the same text: it needs KTO "
-                        "(dpo.method: kto, not built yet) and is never used as an answer"
+                        f"is already paired with an earlier bad one or has the same text: {KTO_HINT}"
                     )
                 continue
             free.remove(good)
@@ -184,7 +187,7 @@ class _Gate:
                 "prompt",
                 f"prompt is {prompt_tokens} tokens (clean.max_prompt_length={self.max_prompt_length})",
             )
-        answers = [("chosen", rec["chosen"])] + ([("rejected", rec["rejected"])] if rec["rejected"] else [])
+        answers = [(name, rec[name]) for name in ("chosen", "rejected") if rec[name]]
         for name, answer in answers:
             total = self.count_tokens(rec["prompt"] + [{"role": "assistant", "content": answer}], False)
             if total > self.max_length:
@@ -196,6 +199,19 @@ class _Gate:
         self.exact[raw_key] = rec_id
         self.normalised[rec_id] = rec_id
         return None
+
+
+def keep(env: dict[str, Any], rec: Record) -> Record:
+    """The canonical row clean writes."""
+    return {
+        "id": record_id(rec),
+        "prompt": rec["prompt"],
+        "chosen": rec["chosen"],
+        "rejected": rec["rejected"],
+        "source": env["source"],
+        "topic": rec["topic"],
+        "meta": rec["meta"],
+    }
 
 
 def _raw_key(*records: Any) -> str:
@@ -210,6 +226,7 @@ def clean_rows(
     max_prompt_length: int,
     max_length: int,
     max_field_chars: int,
+    keep_unpaired_bad: bool = False,
 ) -> CleanResult:
     """Canonicalise, normalise, deduplicate and length-check rows from fetch.
 
@@ -221,6 +238,12 @@ def clean_rows(
     gate = _Gate(count_tokens, max_prompt_length, max_length)
     result = CleanResult(read=len(envelopes))
     rejects: dict[int, dict[str, Any]] = {}
+    kept: list[tuple[int, Record]] = []
+    kept_late: list[tuple[int, Record]] = []  # bad rows kept alone once their good partner fell out
+
+    def unpaired(env: dict[str, Any]) -> bool:
+        return formats.get(env["source"]) == "unpaired"
+
     for i, env in enumerate(envelopes):
         if "error" in env:
             reason, _, detail = env["error"].partition(": ")
@@ -231,8 +254,10 @@ def clean_rows(
         try:
             rec = to_canonical(env["record"], formats[env["source"]], max_field_chars)
         except RowError as err:
-            rejects[i] = _reject(env, err.reason, err.field, plan.left_over.get(i, err.detail))
-            continue
+            if not (keep_unpaired_bad and err.reason == "unpaired_bad_completion" and unpaired(env)):
+                rejects[i] = _reject(env, err.reason, err.field, plan.left_over.get(i, err.detail))
+                continue
+            rec = unpaired_bad_record(env["record"], max_field_chars)  # alone, for KTO
         dropped = None
         if i in plan.partner:
             bad, bad_text = plan.partner[i]
@@ -263,25 +288,22 @@ def clean_rows(
         if dropped:
             rejects[i] = _reject(env, *dropped)
             continue
-        result.kept.append(
-            {
-                "id": record_id(rec),
-                "prompt": rec["prompt"],
-                "chosen": rec["chosen"],
-                "rejected": rec["rejected"],
-                "source": env["source"],
-                "topic": rec["topic"],
-                "meta": rec["meta"],
-            }
-        )
+        kept.append((i, keep(env, rec)))
     for bad, good in plan.merged.items():  # a good row that failed to_canonical leaves its bad alone
-        if bad not in rejects:
+        if bad not in rejects and keep_unpaired_bad:
+            rec = unpaired_bad_record(envelopes[bad]["record"], max_field_chars)
+            dropped = gate.check(rec, _raw_key(envelopes[bad]["record"]))
+            if dropped is None:
+                kept_late.append((bad, keep(envelopes[bad], rec)))
+            else:
+                rejects[bad] = _reject(envelopes[bad], *dropped)
+        elif bad not in rejects:
             rejects[bad] = _reject(
                 envelopes[bad],
                 "unpaired_bad_completion",
                 "label",
-                f"label is false and its good partner on line {envelopes[good]['line']} was dropped: it needs "
-                "KTO (dpo.method: kto, not built yet) and is never used as an answer",
+                f"label is false and its good partner on line {envelopes[good]['line']} was dropped: {KTO_HINT}",
             )
+    result.kept = [rec for _, rec in sorted(kept + kept_late, key=lambda item: item[0])]
     result.rejects = [rejects[i] for i in sorted(rejects)]
     return result

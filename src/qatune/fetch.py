@@ -63,6 +63,39 @@ def _hub_rows(src: SourceParams) -> tuple[list[Row], dict[str, Any]]:
     }
 
 
+def streams(src: SourceParams, data_samples: int) -> bool:
+    """A Hub source with a row cap is read as a stream, so only the rows it needs are downloaded."""
+    return src.type == "hub" and bool(src.samples or data_samples)
+
+
+def stream_hub_rows(src: SourceParams, n: int, seed: int) -> tuple[list[Row], dict[str, Any]]:
+    """`n` rows of a Hub dataset without downloading the rest: a streamed split, shuffled by `seed` in a
+    buffer of `shuffle_buffer` rows (seed 002 shuffles at load time), read until `n` rows are in hand."""
+    import itertools
+
+    import datasets
+
+    label = f"hub dataset '{src.dataset}' (config {src.config}, split {src.split}, revision {src.revision})"
+    try:
+        ds = datasets.load_dataset(
+            src.dataset, src.config, split=src.split, revision=src.revision, streaming=True
+        ).shuffle(seed=seed, buffer_size=src.shuffle_buffer)
+        rows = [(i, rec, None) for i, rec in enumerate(itertools.islice(ds, n), 1)]
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QatuneError(
+            f"source '{src.name}': cannot stream {label}: {type(err).__name__}: {first} "
+            "(offline? this needs the Hugging Face Hub; use a local or bundled source instead)"
+        ) from None
+    return rows, {
+        "dataset": src.dataset,
+        "config": src.config,
+        "split": src.split,
+        "revision": src.revision,
+        "streamed": {"seed": seed, "shuffle_buffer": src.shuffle_buffer, "rows_read": len(rows)},
+    }
+
+
 def load_source(src: SourceParams) -> tuple[list[Row], dict[str, Any]]:
     """All rows of one source plus what identifies its exact content."""
     if src.type == "hub":

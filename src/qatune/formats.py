@@ -82,7 +82,7 @@ _SPACES = re.compile(r"[^\S\n]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _NOT_WORD = re.compile(r"[\W_]+")
 
-KTO_HINT = "it needs KTO (dpo.method: kto, not built yet) and is never used as an answer"
+KTO_HINT = "only dpo.method: kto trains a bad answer alone (it is never used as an answer)"
 
 
 def normalise_text(text: str) -> str:
@@ -656,6 +656,22 @@ def unpaired_completion(rec: Any, max_field_chars: int) -> tuple[list[dict], str
     if not completion:
         raise RowError("empty_field", "chosen" if label else "rejected", "the completion is empty")
     return prompt, completion, label
+
+
+def unpaired_bad_record(rec: Any, max_field_chars: int) -> Record:
+    """The canonical record of a label-false completion kept alone for KTO: no `chosen` (nothing may
+    learn it as an answer), the completion as `rejected`."""
+    prompt, completion, label = unpaired_completion(rec, max_field_chars)
+    if label:
+        raise ValueError("unpaired_bad_record is for label-false rows only")
+    topic = _field(rec, "topic", required=False) or _field(rec, "category", required=False)
+    return {
+        "prompt": prompt,
+        "chosen": None,
+        "rejected": completion,
+        "topic": normalise_text(topic) if isinstance(topic, str) and topic.strip() else None,
+        "meta": _meta(rec, "unpaired"),
+    }
 
 
 def question_text(prompt: list[dict]) -> str:

@@ -44,6 +44,12 @@ class SourceParams(Strict):
     revision: str | None = Field(None, description="Hub dataset revision")
     samples: int | None = Field(None, ge=1, description="rows to draw from this source; null = all")
     format: str = Field("auto", description="auto, or force one of qatune.formats.FORMATS")
+    use_as: Literal["train", "val", "test"] | None = Field(
+        None, description="this source IS that split, used as given; null = split by the split block"
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="hub sources read as a stream: rows held for the seeded shuffle"
+    )
 
     @model_validator(mode="after")
     def _needs_location(self) -> SourceParams:
@@ -130,9 +136,15 @@ class OptimParams(Strict):
     load_best_model_at_end: bool = True
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = off")
     eval_rows: int = Field(0, ge=0, description="rows of val (and test) evaluated during training; 0 = all")
+    eval_batch_size: int | None = Field(
+        None, ge=1, description="sequences per device per evaluation pass; null = batch_size"
+    )
 
 
 class SFTParams(OptimParams):
+    enabled: bool = Field(
+        True, description="false: no SFT run; the preference stage starts from the base (reference = base)"
+    )
     train_turns: Literal["all", "last"] = Field(
         "all", description="multi-turn rows: learn every assistant turn, or the last answer only"
     )
@@ -141,12 +153,49 @@ class SFTParams(OptimParams):
     group_by_length: bool = True
 
 
+# The losses TRL 1.16 implements: DPOTrainer (combinable, weighted) and KTOTrainer (one at a time).
+# sigmoid_norm is the length-normalised (SimPO-style) DPO loss; sft adds the chosen answers' NLL.
+DPO_LOSSES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+KTO_LOSSES = ("kto", "apo_zero_unpaired")
+
+
 class DPOParams(OptimParams):
     enabled: bool = True
-    loss_type: list[str] = Field(default_factory=lambda: ["sigmoid"])
+    method: Literal["dpo", "kto"] = Field(
+        "dpo",
+        description="dpo: chosen/rejected pairs (DPOTrainer); kto: unpaired good/bad answers (KTOTrainer)",
+    )
+    loss_type: list[str] = Field(
+        default_factory=lambda: ["sigmoid"],
+        description="dpo: TRL DPO losses, combined with loss_weights; kto: one of kto, apo_zero_unpaired",
+    )
+    loss_weights: list[float] | None = Field(None, description="one weight per loss_type; null = 1.0 each")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good answers' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad answers' loss")
     precompute_ref_log_probs: bool = True
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _known_losses(self) -> DPOParams:
+        known = KTO_LOSSES if self.method == "kto" else DPO_LOSSES
+        unknown = [t for t in self.loss_type if t not in known]
+        if unknown or not self.loss_type:
+            raise ValueError(
+                f"dpo.loss_type {self.loss_type} with dpo.method {self.method!r}: use "
+                + ("one of " if self.method == "kto" else "a list of ")
+                + ", ".join(known)
+            )
+        if self.method == "kto" and len(self.loss_type) != 1:
+            raise ValueError(f"dpo.loss_type {self.loss_type}: KTOTrainer takes exactly one loss type")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"dpo.loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types"
+            )
+        return self
 
 
 class MergeParams(Strict):
@@ -167,6 +216,9 @@ class EvalFileParams(Strict):
 
 
 class EvaluateParams(Strict):
+    split: Literal["test", "val"] = Field(
+        "test", description="the held-out split scored; val only where there is no test split (seed 004)"
+    )
     rows: int = Field(0, ge=0, description="test rows scored for NLL and preference accuracy; 0 = all")
     generate_rows: int = Field(0, ge=0, description="test questions answered by base and final; 0 = all")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass / generation batch")
@@ -231,6 +283,22 @@ class Params(Strict):
     chat: ChatParams
     hub: HubParams
 
+    @model_validator(mode="after")
+    def _splits_exist(self) -> Params:
+        given = {src.use_as for src in self.fetch.sources if src.use_as}
+        for name in ("val", "test"):
+            if name in given and getattr(self.split, name):
+                raise ValueError(
+                    f"split.{name} is {getattr(self.split, name)} but a source has use_as: {name} "
+                    f"(its rows are the {name} split as given): set split.{name}: 0"
+                )
+        if self.evaluate.split == "test" and not self.split.test and "test" not in given:
+            raise ValueError(
+                "there is no test split (split.test is 0 and no source has use_as: test): "
+                "set evaluate.split: val, or split.test > 0"
+            )
+        return self
+
 
 def _format_error(err: ValidationError, path: str) -> str:
     parts = []
@@ -240,6 +308,9 @@ def _format_error(err: ValidationError, path: str) -> str:
             parts.append(f"unknown key '{where}'")
         elif e["type"] == "missing":
             parts.append(f"missing key '{where}'")
+        elif e["type"] == "value_error":
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(msg if not e["loc"] else f"'{where}': {msg}")
         else:
             parts.append(f"'{where}': {e['msg']}")
     return f"{path}: " + "; ".join(parts)

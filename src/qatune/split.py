@@ -35,12 +35,33 @@ def _largest_remainder(weights: dict[str, int], total: int) -> dict[str, int]:
 
 
 def split_rows(
-    rows: list[Record], val: float, test: float, seed: int, stratify: str | None = "topic"
+    rows: list[Record],
+    val: float,
+    test: float,
+    seed: int,
+    stratify: str | None = "topic",
+    given: dict[str, str] | None = None,
 ) -> dict[str, list[Record]]:
     """Assign whole question groups to splits by seed, keeping topic proportions if asked.
 
+    `given` maps a source name to the split its rows are, as the source gave them (a separate
+    validation file): those rows are placed as they are, the others are split by `val` and `test`.
     The result depends only on the set of rows and the seed, not on their order.
     """
+    given = given or {}
+    placed = [r for r in rows if r.get("source") in given]
+    rows = [r for r in rows if r.get("source") not in given]
+    if not rows:
+        if val or test:
+            raise QatuneError(
+                "params.yaml: every source has use_as, so split.val and split.test find no rows: set them to 0"
+            )
+        out = {
+            s: sorted((r for r in placed if given[r["source"]] == s), key=lambda r: r["id"]) for s in SPLITS
+        }
+        for name in SPLITS:
+            random.Random(f"{seed}-{name}").shuffle(out[name])
+        return out
     n = len(rows)
     n_val, n_test = resolve_size(val, n, "val"), resolve_size(test, n, "test")
     if n_val + n_test >= n:
@@ -67,6 +88,8 @@ def split_rows(
             name = next((s for s in ("test", "val") if taken[s] < quota[s][stratum]), "train")
             taken[name] += len(group)
             out[name].extend(group)
+    for row in placed:
+        out[given[row["source"]]].append(row)
     for name in SPLITS:
         out[name].sort(key=lambda r: r["id"])
         random.Random(f"{seed}-{name}").shuffle(out[name])
@@ -75,12 +98,22 @@ def split_rows(
 
 def split_counts(splits: dict[str, list[Record]]) -> dict[str, Any]:
     topics = sorted({str(r.get("topic")) for rows in splits.values() for r in rows})
+    questions = {s: {dedup_key(question_text(r["prompt"])) for r in rows} for s, rows in splits.items()}
     return {
         "rows": {s: len(rows) for s, rows in splits.items()},
-        "questions": {
-            s: len({dedup_key(question_text(r["prompt"])) for r in rows}) for s, rows in splits.items()
-        },
+        "questions": {s: len(q) for s, q in questions.items()},
         "with_rejected": {s: sum(r["rejected"] is not None for r in rows) for s, rows in splits.items()},
+        # bad answers with no good one (unpaired preference data): only dpo.method kto trains them
+        "without_chosen": {s: sum(r.get("chosen") is None for r in rows) for s, rows in splits.items()},
+        # questions asked in two splits: only possible where sources give their own splits (use_as)
+        "questions_in_two_splits": len(
+            set().union(
+                *(
+                    questions[a] & questions[b]
+                    for a, b in (("train", "val"), ("train", "test"), ("val", "test"))
+                )
+            )
+        ),
         "by_topic": {
             t: {s: sum(str(r.get("topic")) == t for r in rows) for s, rows in splits.items()} for t in topics
         },

@@ -59,7 +59,7 @@ def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> 
         "num_train_epochs": cfg.epochs,
         "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.batch_size,
-        "per_device_eval_batch_size": cfg.batch_size,
+        "per_device_eval_batch_size": cfg.eval_batch_size or cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "warmup_steps": warmup(cfg),
         "lr_scheduler_type": cfg.scheduler,

@@ -164,10 +164,48 @@ def test_unpaired_bad_without_a_good_partner_is_rejected_never_kept():
         (1, "merged_into_pair"),
         (2, "unpaired_bad_completion"),
     ]
-    assert "KTO" in res.rejects[1]["detail"] and "line 3" in res.rejects[1]["detail"]
+    assert "kto" in res.rejects[1]["detail"] and "line 3" in res.rejects[1]["detail"]
     alone = run([env(kto("Q?", "bad", False), 1)], fmt="unpaired")
     assert alone.kept == [] and alone.rejects[0]["reason"] == "unpaired_bad_completion"
     assert "dpo.method: kto" in alone.rejects[0]["detail"]
+
+
+def test_with_kto_an_unpaired_bad_completion_is_kept_alone_and_never_as_an_answer():
+    rows = [
+        kto("Creatine and kidneys?", "It wrecks them, avoid it.", False),
+        kto("creatine and KIDNEYS", "Also bad advice.", False),  # no good partner left: kept alone
+        kto(
+            "Creatine and kidneys?",
+            "Safe for healthy kidneys; ask a doctor if you have kidney disease.",
+            True,
+        ),
+        kto("Fasted cardio?", "It burns muscle only, never do it.", False),  # no good one at all
+        kto("Fasted cardio?", "It burns muscle only, never do it.", False),  # its duplicate
+    ]
+    envs = [env(r, i + 1) for i, r in enumerate(rows)]
+    res = clean_rows(envs, {"s": "unpaired"}, words, 64, 128, 2000, keep_unpaired_bad=True)
+    assert [(r["chosen"], r["rejected"]) for r in res.kept] == [
+        (None, "Also bad advice."),
+        (rows[2]["completion"], "It wrecks them, avoid it."),
+        (None, "It burns muscle only, never do it."),
+    ]
+    assert {r["chosen"] for r in res.kept} & {r["completion"] for r in rows if not r["label"]} == set()
+    assert [(r["line"], r["reason"]) for r in res.rejects] == [
+        (1, "merged_into_pair"),
+        (5, "exact_duplicate"),
+    ]
+    counts = res.counts()
+    assert counts["kept"] + counts["dropped"] == counts["read"] == 5 and counts["without_chosen"] == 2
+    # without KTO the same rows lose nothing either: the lone bad ones are rejects with the reason
+    res = clean_rows(envs, {"s": "unpaired"}, words, 64, 128, 2000)
+    assert [r["chosen"] for r in res.kept] == [rows[2]["completion"]]
+    assert len(res.kept) + len(res.rejects) == 5
+    # a label-false row in a forced non-unpaired format is refused even with KTO (it would be `chosen`)
+    forced = clean_rows(
+        [env({"prompt": "Q?", "completion": "bad", "label": False}, 1)],
+        {"s": "prompt_completion"}, words, 64, 128, 2000, keep_unpaired_bad=True,
+    )  # fmt: skip
+    assert forced.kept == [] and forced.rejects[0]["reason"] == "unpaired_bad_completion"
 
 
 def test_unpaired_pair_dropped_only_for_the_bad_answer_keeps_the_good_one_alone():

@@ -7,7 +7,7 @@ import pytest
 
 from qatune.clean import choose_format
 from qatune.errors import QatuneError
-from qatune.fetch import allocate, load_source, sample_rows
+from qatune.fetch import allocate, load_source, sample_rows, stream_hub_rows, streams
 from qatune.formats import detect_format
 from qatune.io import read_rows
 from qatune.params import SourceParams
@@ -106,3 +106,44 @@ def test_bundled_source_loads_and_hub_offline_fails_naming_the_dataset(monkeypat
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(QatuneError, match="cannot load hub dataset 'mlabonne/FineTome-100k'"):
         load_source(SourceParams(name="h", type="hub", dataset="mlabonne/FineTome-100k"))
+
+
+def test_a_capped_hub_source_streams_only_the_rows_it_needs(monkeypatch):
+    """The Hub is stood in by a real datasets.IterableDataset over a counting generator (no network here):
+    what load_dataset is asked for, and how many rows are pulled from it, are what is checked."""
+    import datasets
+
+    pulled, calls = [], []
+
+    def rows():
+        for i in range(100_000):
+            pulled.append(i)
+            yield {"question": f"q{i}", "answer": f"a{i}"}
+
+    def fake_load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.IterableDataset.from_generator(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    src = SourceParams(name="h", type="hub", dataset="org/big", samples=50, shuffle_buffer=200)
+    assert streams(src, 0) and streams(src.model_copy(update={"samples": None}), 30)
+    assert not streams(src.model_copy(update={"samples": None}), 0)  # no cap: the whole split, as before
+    assert not streams(SourceParams(name="f", type="bundled", path="fitness_pairs", samples=5), 0)
+
+    got, origin = stream_hub_rows(src, 50, seed=7)
+    assert calls[0][1]["streaming"] is True and calls[0][0][0] == "org/big"
+    assert len(got) == 50 and len(pulled) <= 50 + 200 + 1  # the buffer, then the rows taken: not 100,000
+    assert origin["streamed"] == {"seed": 7, "shuffle_buffer": 200, "rows_read": 50}
+    questions = [rec["question"] for _, rec, _ in got]
+    assert questions != [f"q{i}" for i in range(50)]  # shuffled in the buffer, by seed
+    pulled.clear()
+    assert [rec["question"] for _, rec, _ in stream_hub_rows(src, 50, seed=7)[0]] == questions
+    assert [rec["question"] for _, rec, _ in stream_hub_rows(src, 50, seed=8)[0]] != questions
+
+
+def test_streaming_a_missing_hub_dataset_names_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    src = SourceParams(name="h", type="hub", dataset="org/absent", samples=5)
+    with pytest.raises(QatuneError, match="source 'h': cannot stream hub dataset 'org/absent'"):
+        stream_hub_rows(src, 5, seed=1)

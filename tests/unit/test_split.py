@@ -72,3 +72,47 @@ def test_counts():
     out = split_rows(make_rows([(i, "ab"[i % 2]) for i in range(20)]), 0.1, 0.1, 0)
     c = split_counts(out)
     assert sum(c["rows"].values()) == 20 and c["by_topic"]["a"]["test"] == 1
+
+
+def test_sources_with_use_as_keep_their_own_split_as_given():
+    train = [{**r, "source": "train_file"} for r in make_rows([(q, "a") for q in range(50)])]
+    val = [
+        {**r, "id": f"v{r['id']}", "source": "val_file"}
+        for r in make_rows([(q, "a") for q in range(100, 108)])
+    ]
+    given = {"train_file": "train", "val_file": "val"}
+    out = split_rows(train + val, 0, 0, seed=3, given=given)
+    assert sorted(r["id"] for r in out["val"]) == sorted(r["id"] for r in val)  # exactly the file, no more
+    assert len(out["train"]) == 50 and out["test"] == []
+    assert out == split_rows(list(reversed(train + val)), 0, 0, seed=3, given=given)
+    counts = split_counts(out)
+    assert counts["rows"] == {"train": 50, "val": 8, "test": 0} and counts["questions_in_two_splits"] == 0
+    # a given val file with one question that is also in train is kept as given, and the count says so
+    leak = [{**val[0], "id": "leak", "prompt": train[0]["prompt"]}]
+    assert split_counts(split_rows(train + leak, 0, 0, 3, given=given))["questions_in_two_splits"] == 1
+    # given train, the other rows are split by fraction: seed 001 plus a test split carved from a third file
+    extra = [
+        {**r, "id": f"x{r['id']}", "source": "more"} for r in make_rows([(q, "a") for q in range(200, 220)])
+    ]
+    out = split_rows(train + val + extra, 0, 0.5, seed=3, given=given)
+    assert len(out["test"]) == 10 and all(r["source"] == "more" for r in out["test"])
+    with pytest.raises(QatuneError, match="every source has use_as"):
+        split_rows(train + val, 0.1, 0, seed=3, given=given)
+
+
+def test_params_refuse_a_fraction_for_a_split_a_source_gives():
+    import yaml
+
+    from qatune.params import PARAMS_FILE, parse_params
+
+    with open(PARAMS_FILE) as f:
+        data = yaml.safe_load(f)
+    data["fetch"]["sources"].append({"name": "v", "type": "local", "path": "v.jsonl", "use_as": "val"})
+    with pytest.raises(QatuneError, match="split.val is 0.1 but a source has use_as: val"):
+        parse_params(data)
+    data["split"]["test"] = 0
+    data["split"]["val"] = 0
+    with pytest.raises(QatuneError, match="there is no test split"):
+        parse_params(data)
+    data["evaluate"]["split"] = "val"
+    assert parse_params(data).evaluate.split == "val"
