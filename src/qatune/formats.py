@@ -636,6 +636,13 @@ def to_canonical(rec: Any, fmt: str, max_field_chars: int) -> Record:
             raise RowError("empty_field", "rejected", "the rejected answer is empty")
         if rejected == chosen:
             raise RowError("chosen_equals_rejected", "rejected", "chosen and rejected are the same text")
+    return _record(rec, fmt, prompt, chosen, rejected)
+
+
+def _record(
+    rec: Mapping[str, Any], fmt: str, prompt: list[dict], chosen: str | None, rejected: str | None
+) -> Record:
+    """The canonical record: the given texts plus the raw row's topic and kept metadata."""
     topic = _field(rec, "topic", required=False) or _field(rec, "category", required=False)
     return {
         "prompt": prompt,
@@ -664,14 +671,7 @@ def unpaired_bad_record(rec: Any, max_field_chars: int) -> Record:
     prompt, completion, label = unpaired_completion(rec, max_field_chars)
     if label:
         raise ValueError("unpaired_bad_record is for label-false rows only")
-    topic = _field(rec, "topic", required=False) or _field(rec, "category", required=False)
-    return {
-        "prompt": prompt,
-        "chosen": None,
-        "rejected": completion,
-        "topic": normalise_text(topic) if isinstance(topic, str) and topic.strip() else None,
-        "meta": _meta(rec, "unpaired"),
-    }
+    return _record(rec, "unpaired", prompt, None, completion)
 
 
 def question_text(prompt: list[dict]) -> str:

@@ -51,20 +51,13 @@ def split_rows(
     given = given or {}
     placed = [r for r in rows if r.get("source") in given]
     rows = [r for r in rows if r.get("source") not in given]
-    if not rows:
-        if val or test:
-            raise QatuneError(
-                "params.yaml: every source has use_as, so split.val and split.test find no rows: set them to 0"
-            )
-        out = {
-            s: sorted((r for r in placed if given[r["source"]] == s), key=lambda r: r["id"]) for s in SPLITS
-        }
-        for name in SPLITS:
-            random.Random(f"{seed}-{name}").shuffle(out[name])
-        return out
+    if not rows and (val or test):
+        raise QatuneError(
+            "params.yaml: every source has use_as, so split.val and split.test find no rows: set them to 0"
+        )
     n = len(rows)
     n_val, n_test = resolve_size(val, n, "val"), resolve_size(test, n, "test")
-    if n_val + n_test >= n:
+    if rows and n_val + n_test >= n:
         raise QatuneError(
             f"params.yaml: split.val + split.test = {n_val + n_test} rows leaves no training rows out of {n}"
         )
