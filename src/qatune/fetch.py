@@ -41,18 +41,23 @@ def sample_rows(rows: list[Row], n: int | None, seed: int) -> list[Row]:
     return [rows[i] for i in keep]
 
 
+def hub_error(src: SourceParams, verb: str, err: Exception) -> QatuneError:
+    """One line naming the source, the Hub dataset and why it could not be read."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return QatuneError(
+        f"source '{src.name}': cannot {verb} hub dataset '{src.dataset}' (config {src.config}, split "
+        f"{src.split}, revision {src.revision}): {type(err).__name__}: {first} "
+        "(offline? this needs the Hugging Face Hub; use a local or bundled source instead)"
+    )
+
+
 def _hub_rows(src: SourceParams) -> tuple[list[Row], dict[str, Any]]:
     import datasets
 
-    label = f"hub dataset '{src.dataset}' (config {src.config}, split {src.split}, revision {src.revision})"
     try:
         ds = datasets.load_dataset(src.dataset, src.config, split=src.split, revision=src.revision)
     except Exception as err:  # offline, missing repo or split: say which dataset and why, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QatuneError(
-            f"source '{src.name}': cannot load {label}: {type(err).__name__}: {first} "
-            "(offline? this needs the Hugging Face Hub; use a local or bundled source instead)"
-        ) from None
+        raise hub_error(src, "load", err) from None
     fingerprint = getattr(ds, "_fingerprint", None)
     return [(i, rec, None) for i, rec in enumerate(ds, 1)], {
         "dataset": src.dataset,
@@ -75,18 +80,13 @@ def stream_hub_rows(src: SourceParams, n: int, seed: int) -> tuple[list[Row], di
 
     import datasets
 
-    label = f"hub dataset '{src.dataset}' (config {src.config}, split {src.split}, revision {src.revision})"
     try:
         ds = datasets.load_dataset(
             src.dataset, src.config, split=src.split, revision=src.revision, streaming=True
         ).shuffle(seed=seed, buffer_size=src.shuffle_buffer)
         rows = [(i, rec, None) for i, rec in enumerate(itertools.islice(ds, n), 1)]
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QatuneError(
-            f"source '{src.name}': cannot stream {label}: {type(err).__name__}: {first} "
-            "(offline? this needs the Hugging Face Hub; use a local or bundled source instead)"
-        ) from None
+        raise hub_error(src, "stream", err) from None
     return rows, {
         "dataset": src.dataset,
         "config": src.config,
