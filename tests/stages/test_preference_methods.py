@@ -102,7 +102,9 @@ def unpaired_rows():
     rows = []
     for i in range(24):
         q = f"How many sets of exercise {i} should a beginner do?"
-        good = f"Start with two or three sets of exercise {i}, with good form, and rest a day between sessions."
+        good = (
+            f"Start with two or three sets of exercise {i}, with good form, and rest a day between sessions."
+        )
         bad = f"Do twenty sets of exercise {i} every day until it hurts; pain means progress."
         if i % 3 != 2:
             rows.append({"prompt": q, "completion": good, "label": True})
@@ -124,7 +126,9 @@ def test_kto_trains_unpaired_answers_and_never_learns_a_bad_one_as_good(project,
     assert clean["formats"] == {"fixture": "unpaired"} and clean["without_chosen"] == 8  # lone bad answers
     assert clean["kept"] + clean["dropped"] == clean["read"] == len(rows)
     split_rows = [
-        json.loads(line) for s in ("train", "val", "test") for line in open(proj / f"data/split/{s}.jsonl")
+        json.loads(line)
+        for s in ("train", "val", "test")
+        for line in (proj / f"data/split/{s}.jsonl").read_text().splitlines()
     ]
     assert not {r["chosen"] for r in split_rows} & bad  # never a bad answer as `chosen`
     stage(proj, "sft")
