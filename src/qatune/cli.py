@@ -3,6 +3,7 @@
     qatune ask "How much protein do I need to build muscle?"   # streams the answer to stdout
     qatune ask --mode adapter --temperature 0 "Is creatine safe?"
     echo "What should I eat before a run?" | qatune ask -
+    qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load
     qatune chat                                                # Gradio app on http://127.0.0.1:7860
 
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
@@ -14,12 +15,15 @@ models/base with the LoRA adapter models/dpo on top.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from qatune import inference
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.io import write_jsonl
 from qatune.params import Params, load_params
 
 
@@ -62,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = common_options()
     ask = sub.add_parser("ask", parents=[common], help="answer one question, streamed to stdout")
-    ask.add_argument("question", help="the question; '-' reads it from stdin")
+    ask.add_argument("question", nargs="?", help="the question; '-' reads it from stdin")
+    ask.add_argument(
+        "--questions",
+        help="a file of questions answered in turn: one per line (# comments, blank lines skipped), "
+        "a JSON list, or JSON lines with a `question` field",
+    )
+    ask.add_argument("--output", help="also write {question, answer} JSON lines here")
     chat = sub.add_parser("chat", parents=[common], help="start the Gradio chat app")
     chat.add_argument("--host", help="bind address (default: chat.host, 127.0.0.1 = this machine only)")
     chat.add_argument("--port", type=int, help="port (default: chat.port)")
@@ -116,16 +126,72 @@ def note_cap(requested: int, allowed: int) -> None:
 
 
 def ask(args: argparse.Namespace, params: Params) -> None:
-    """Check the question before loading anything, then stream the answer as it is generated."""
-    raw = sys.stdin.read() if args.question == "-" else args.question
-    question = inference.check_question(raw, params.chat.max_input_chars)
+    """Check the questions before loading anything, then stream each answer as it is generated."""
+    if (args.question is None) == (args.questions is None):
+        raise QatuneError("ask: give one question, or --questions FILE (not both)")
+    if args.questions:
+        questions = read_questions(args.questions, params.chat.max_input_chars)
+    else:
+        raw = sys.stdin.read() if args.question == "-" else args.question
+        questions = [inference.check_question(raw, params.chat.max_input_chars)]
     settings = settings_from(args, params)
     loaded = load(args, params, settings.mode)
-    messages = inference.build_messages(question, params.train.system_prompt)
-    for piece in inference.stream_answer(loaded, messages, settings, on_cap=note_cap):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    answers = []
+    for question in questions:
+        if len(questions) > 1:
+            sys.stdout.write(f"Q: {question}\nA: ")
+        messages = inference.build_messages(question, params.train.system_prompt)
+        pieces = []
+        for piece in inference.stream_answer(loaded, messages, settings, on_cap=note_cap):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n\n" if len(questions) > 1 else "\n")
+        answers.append({"question": question, "answer": "".join(pieces).strip()})
+    if args.output:
+        write_jsonl(args.output, answers)
+        print(f"qatune: {len(answers)} answers -> {args.output}", file=sys.stderr)
+
+
+def read_questions(path: str, max_chars: int) -> list[str]:
+    """Questions from a text file (one per line), a JSON list, or JSON lines with a `question` field; a bad
+    entry is a one-line error naming the file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise QatuneError(f"{path}: no such questions file")
+    text = file.read_text(encoding="utf-8-sig")
+    entries: list[tuple[int, object]]
+    if text.lstrip().startswith("["):
+        try:
+            entries = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as err:
+            raise QatuneError(f"{path}: not a JSON list ({err.msg}, line {err.lineno})") from None
+    else:
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise QatuneError(f"{path}: line {number}: not JSON ({err.msg})") from None
+                if not isinstance(row, dict) or "question" not in row:
+                    raise QatuneError(f"{path}: line {number}: field 'question' missing")
+                line = row["question"]
+            entries.append((number, line))
+    questions = []
+    for number, entry in entries:
+        if not isinstance(entry, str):
+            raise QatuneError(f"{path}: entry {number}: a question must be text, got {type(entry).__name__}")
+        try:
+            questions.append(inference.check_question(entry, max_chars))
+        except QatuneError as err:
+            raise QatuneError(f"{path}: line {number}: {err}") from None
+    if not questions:
+        raise QatuneError(f"{path}: no questions in the file")
+    return questions
 
 
 def chat(args: argparse.Namespace, params: Params) -> None:

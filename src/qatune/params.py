@@ -132,7 +132,7 @@ class OptimParams(Strict):
     logging_steps: int = Field(10, ge=1)
     eval_steps: int = Field(ge=1)
     save_steps: int = Field(ge=1)
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept; null = all")
     load_best_model_at_end: bool = True
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = off")
     eval_rows: int = Field(0, ge=0, description="rows of val (and test) evaluated during training; 0 = all")

@@ -49,13 +49,43 @@ def git_commit() -> str | None:
 
 
 def peak_memory_gb() -> dict[str, float]:
-    """Peak CPU RSS of this process (and CUDA max reserved when on a GPU), in GB."""
+    """Peak CPU RSS of this process and, on a GPU, the CUDA peak reserved memory with its share of the
+    device's memory (what seed 004's notebook prints after training)."""
     import torch
 
     out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
     if torch.cuda.is_available():
-        out["peak_cuda_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1024**3, 3)
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        out.update(cuda_memory(torch.cuda.max_memory_reserved(device), total))
     return out
+
+
+def cuda_memory(peak_reserved_bytes: int, device_total_bytes: int) -> dict[str, float]:
+    """Peak reserved GPU memory, the device's total, and the peak as a percentage of it."""
+    return {
+        "peak_cuda_reserved_gb": round(peak_reserved_bytes / 1024**3, 3),
+        "cuda_device_memory_gb": round(device_total_bytes / 1024**3, 3),
+        "peak_cuda_reserved_pct": round(100 * peak_reserved_bytes / device_total_bytes, 3),
+    }
+
+
+def training_report(method: str, metrics: dict) -> str:
+    """One line at the end of a training stage: time, final train and validation loss, peak memory."""
+    minutes = metrics.get("train_runtime_s", 0.0) / 60
+    parts = [f"{method}: {metrics.get('steps')} steps in {minutes:.2f} min"]
+    if metrics.get("train_loss") is not None:
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
+    val = (metrics.get("eval") or {}).get("loss")
+    if val is not None:
+        parts.append(f"validation loss {val:.4f}")
+    if "peak_cuda_reserved_gb" in metrics:
+        parts.append(
+            f"peak reserved memory {metrics['peak_cuda_reserved_gb']:.3f} GB "
+            f"({metrics['peak_cuda_reserved_pct']:.3f}% of {metrics['cuda_device_memory_gb']:.3f} GB)"
+        )
+    parts.append(f"peak RSS {metrics.get('peak_rss_gb', 0.0):.2f} GB")
+    return ", ".join(parts)
 
 
 def require(path: str | Path, what: str) -> Path:

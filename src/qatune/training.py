@@ -16,7 +16,7 @@ from typing import Any
 
 from qatune import compat
 from qatune.errors import QatuneError
-from qatune.provenance import code_digest, git_commit, peak_memory_gb, write_provenance
+from qatune.provenance import code_digest, git_commit, peak_memory_gb, training_report, write_provenance
 
 FINGERPRINT = "qatune_fingerprint.txt"
 
@@ -310,5 +310,6 @@ def save_run(
     tokenizer.save_pretrained(out)
     metrics.update(peak_memory_gb())
     write_json(metrics_file, metrics)
+    print(training_report(metrics.get("method", "train"), metrics), flush=True)
     write_history(trainer.state.log_history, plots, curves)
     write_provenance(out, {**provenance, "git_commit": git_commit(), "metrics": metrics})

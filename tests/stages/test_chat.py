@@ -8,6 +8,7 @@ what is checked is that text arrives, streams, and that both modes give the same
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -88,6 +89,25 @@ def test_ask_answers_in_merged_and_adapter_mode_alike(chat_project: Path):
     assert adapter.stdout == merged.stdout
 
 
+def test_ask_answers_a_questions_file_in_turn(chat_project: Path):
+    """Seed 001's questions list: one model load, each question answered as `qatune ask Q` answers it."""
+    questions = ["How much protein do I need?", "Is creatine safe?"]
+    (chat_project / "questions.txt").write_text("# seed 001\n" + "\n\n".join(questions) + "\n")
+    (chat_project / "questions.json").write_text(json.dumps(questions))
+    out = qatune(["ask", "--questions", "questions.txt", "--output", "answers.jsonl"], chat_project)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("on cpu (float32)") == 1  # loaded once
+    rows = [json.loads(line) for line in (chat_project / "answers.jsonl").read_text().splitlines()]
+    assert [r["question"] for r in rows] == questions
+    for row in rows:
+        single = qatune(["ask", row["question"]], chat_project)
+        assert row["answer"] and row["answer"] == single.stdout.strip()  # greedy: the same answer
+        assert f"Q: {row['question']}\nA: {row['answer']}" in out.stdout
+    from_json = qatune(["ask", "--questions", "questions.json", "--output", "again.jsonl"], chat_project)
+    assert (chat_project / "again.jsonl").read_text() == (chat_project / "answers.jsonl").read_text()
+    assert from_json.returncode == 0
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -96,9 +116,15 @@ def test_ask_answers_in_merged_and_adapter_mode_alike(chat_project: Path):
         (["ask", "x" * (MAX_INPUT_CHARS + 1)], f"the limit is {MAX_INPUT_CHARS}"),
         (["ask", "--top-p", "1.5", "Q?"], "generation settings: top_p"),
         (["ask", "--params", "missing.yaml", "Q?"], "missing.yaml: not found"),
+        (["ask"], "give one question, or --questions FILE"),
+        (["ask", "--questions", "nowhere.txt"], "nowhere.txt: no such questions file"),
+        (["ask", "--questions", "bad.jsonl"], "bad.jsonl: line 2: field 'question' missing"),
+        (["ask", "--questions", "long.txt"], "long.txt: line 3: the question is 201 characters"),
     ],
 )
 def test_ask_errors_are_one_line(chat_project: Path, args: list[str], message: str):
+    (chat_project / "bad.jsonl").write_text('{"question": "Q?"}\n{"prompt": "Q?"}\n')
+    (chat_project / "long.txt").write_text("Q?\n\n" + "x" * (MAX_INPUT_CHARS + 1) + "\n")
     out = qatune(args, chat_project)
     assert out.returncode == 1
     assert message in out.stderr
