@@ -1,6 +1,6 @@
 """Tiny random models with small trained tokenizers, for tests and smoke runs (seconds on a CPU).
 
-    python -m qatune.tiny OUT_DIR [--family llama|qwen2|qwen3|gemma]
+    python -m qatune.tiny OUT_DIR [--family llama|qwen2|qwen3|gemma|mistral]
 
 The tokenizer is a byte-level BPE trained in-process on a few KB of domain text (vocabulary ~400),
 with a ChatML chat template; the model is a random 2-layer config of the chosen family.
@@ -21,6 +21,11 @@ GEMMA = (
     "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
 # ChatML (SmolLM2, Qwen), Gemma and Llama 3 turn markers, so each family's real template tokenizes as it does
 # for the real model (tests give a tiny model that family's template).
 SPECIALS = [
@@ -35,7 +40,10 @@ SPECIALS = [
     "<|end_header_id|>",
     "<|eot_id|>",
 ]
-FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma"}
+# Mistral's <s> / </s> exist only in its family's tokenizer (adding them to every family would change the
+# other tiny vocabularies that tests already rely on).
+MISTRAL_SPECIALS = ["<s>", "</s>"]
+FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "mistral": "mistral"}
 CORPUS = (
     "How much protein do I need to build muscle? Aim for 1.6 to 2.2 grams per kilogram of body weight per day. "
     "Squat, bench press and deadlift three times a week with progressive overload. Sleep seven to nine hours. "
@@ -52,8 +60,9 @@ def build_tokenizer(vocab_size: int = 400, family: str = "llama"):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    specials = SPECIALS + (MISTRAL_SPECIALS if family == "mistral" else [])
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([CORPUS] * 20, trainer=trainer)
     if family == "gemma":
@@ -65,6 +74,12 @@ def build_tokenizer(vocab_size: int = 400, family: str = "llama"):
             unk_token=None,
         )
         fast.chat_template = GEMMA
+        return fast
+    if family == "mistral":  # [INST] turns, no system role (tests give it Mistral Instruct's own template)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<|endoftext|>", unk_token=None
+        )
+        fast.chat_template = MISTRAL
         return fast
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token=None
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--family",
         default="llama",
-        choices=["llama", "qwen2", "qwen3", "gemma"],
+        choices=sorted(FAMILIES),
         help="architecture family of the random config",
     )
     args = parser.parse_args(argv)

@@ -1,9 +1,13 @@
-"""Each seed profile, on a tiny random model of its architecture family, runs two SFT steps on CPU.
+"""Each seed profile's own values, run through the stages on a tiny random model of its architecture family
+with the family's real chat template (the string TRL ships for Qwen2.5, Qwen3 and Gemma, Llama 3.2's own,
+Mistral Instruct v0.1's own), which must train on assistant tokens only and be published unchanged.
 
-Everything but the download and the GPU is exercised: the profile's LoRA targets, optimizer (adamw_8bit
-included), lengths, schedule and the family's real chat template (the string TRL ships for Qwen2.5, Qwen3
-and Gemma, Llama 3.2's own), which must train on assistant tokens only and be published unchanged. CUDA-only switches (4-bit, unsloth) are
-turned off here because this machine has no GPU; their selection logic is tested in tests/unit.
+Only steps and sizes are cut, plus what cannot run here; each cut is listed in `cuts()` and printed, and the
+test checks that every other params value is the profile's:
+- the base model: the tiny model of the family (no download);
+- each source: a local file in the source's own format with the same `use_as`, 12 rows (no Hub);
+- CUDA-only switches: 4-bit, Unsloth and fp16 need a GPU (their selection logic is tested in tests/unit);
+- steps, batch sizes and lengths: two optimiser steps of two short rows.
 """
 
 import json
@@ -15,45 +19,128 @@ import yaml
 from transformers import AutoTokenizer
 from trl import chat_template_utils as trl_templates
 
-from qatune.profiles import merged
+from qatune.profiles import SEEDS, flatten, merged
 from qatune.tiny import save_tiny
 from tests.conftest import FIXTURES, ROOT, run
 
-FAMILY = {
-    "seed000-qwen3-dpo": ("qwen3", trl_templates.qwen3_chat_template),
-    "seed001-qwen25-sft": ("qwen2", trl_templates.qwen2_5_chat_template),
-    "seed002-gemma-psychology": ("gemma", trl_templates.gemma_chat_template),
-    "seed004-llama32-finetome": ("llama", trl_templates.llama3_2_chat_template),
+# mistralai/Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template.
+MISTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + ' ' }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+TEMPLATES = {
+    "qwen3": trl_templates.qwen3_chat_template,
+    "qwen2": trl_templates.qwen2_5_chat_template,
+    "gemma": trl_templates.gemma_chat_template,
+    "llama": trl_templates.llama3_2_chat_template,
+    "mistral": MISTRAL_V01,
 }
+ROWS_PER_SOURCE = 12  # a source that is one split; sources split by the split block share 24 rows
+STEP_CUTS = {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "batch_size": 2}
+STEP_CUTS |= {"eval_batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "max_length": 384, "eval_rows": 0}
 
 
-@pytest.mark.parametrize("name", sorted(FAMILY))
-def test_seed_profile_trains_two_steps_on_a_tiny_model_of_its_family(name, project, tmp_path):
-    family, template = FAMILY[name]
-    model_dir = save_tiny(tmp_path / "tiny", family)
+def in_format(row: dict, fmt: str) -> dict:
+    """A fixture row (question, chosen, rejected) written in a source format."""
+    q, good, bad = row["question"], row["chosen"], row["rejected"]
+    return {
+        "auto": row,
+        "qa": {"question": q, "answer": good},
+        "alpaca": {"instruction": q, "input": "", "output": good},
+        "response_jk": {"question": q, "response_j": good, "response_k": bad},
+        "sharegpt": {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": good}]},
+    }[fmt]
+
+
+def cuts(data: dict, model_dir: Path, data_dir: Path) -> dict[str, object]:
+    """The values this test changes, as dotted keys, and the local source files they point at."""
+    rows = [json.loads(line) for line in (FIXTURES / "mixed_small.jsonl").read_text().splitlines()]
+    out: dict[str, object] = {"base_model.source": str(model_dir)}
+    sources, start = [], 0
+    to_split = sum(1 for src in data["fetch"]["sources"] if not src.get("use_as"))
+    for src in data["fetch"]["sources"]:
+        fmt = src.get("format", "auto")
+        n = ROWS_PER_SOURCE if src.get("use_as") else 2 * ROWS_PER_SOURCE // to_split
+        chunk, start = rows[start : start + n], start + n
+        path = data_dir / f"{src['name']}.jsonl"
+        path.write_text("".join(json.dumps(in_format(r, fmt)) + "\n" for r in chunk))
+        local = {"name": src["name"], "type": "local", "path": str(path), "format": fmt}
+        if src.get("use_as"):
+            local["use_as"] = src["use_as"]
+        sources.append(local)
+    out["fetch.sources"] = sources
+    out |= {"train.load_in_4bit": False, "train.backend": "transformers", "train.precision": "fp32"}
+    for block in ("sft", "dpo"):
+        out |= {f"{block}.{key}": value for key, value in STEP_CUTS.items()}
+    out["clean.max_length"] = 384
+    out["clean.max_prompt_length"] = min(data["clean"]["max_prompt_length"], 192)
+    return out
+
+
+def put(data: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: s.profile)
+def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, project, tmp_path):
+    template = TEMPLATES[seed.family]
+    model_dir = save_tiny(tmp_path / "tiny", seed.family)
     tok = AutoTokenizer.from_pretrained(model_dir)
     if "<|start_header_id|>" in template:
         tok.bos_token = "<|begin_of_text|>"
     tok.chat_template = template
     tok.save_pretrained(model_dir)
-    data, _ = merged(name, ROOT / "params.yaml", ROOT / "profiles")
-    data["base_model"]["source"] = str(model_dir)
-    data["fetch"]["sources"] = [
-        {"name": "fixture", "type": "local", "path": str(FIXTURES / "mixed_small.jsonl")}
-    ]
-    data["train"].update(load_in_4bit=False, backend="transformers", precision="fp32", report_to=[])
-    data["sft"].update(
-        max_steps=2, eval_steps=2, save_steps=2, batch_size=2, grad_accum=1, warmup_steps=0, max_length=384
-    )
-    data["split"] = {"val": 0.2, "test": 0.1, "stratify": None}
+    profile, params = merged(seed.profile, ROOT / "params.yaml", ROOT / "profiles")
+    data = json.loads(json.dumps(profile))
+    (tmp_path / "data").mkdir()
+    changes = cuts(data, model_dir, tmp_path / "data")
+    for key, value in changes.items():
+        put(data, key, value)
+    print(f"{seed.profile}: cut {sorted(changes)}")
+    # Everything not listed in the cuts is the profile's own value.
+    kept = {k: v for k, v in flatten(profile) if k not in changes}
+    assert kept == {k: v for k, v in flatten(data) if k not in changes}
+    assert params.base_model.source == seed.base_model
+
     proj = project()
     (proj / "params.yaml").write_text(yaml.safe_dump(data))
-    for stage in ("fetch", "clean", "split", "sft"):
+    stages = ["fetch", "clean", "split", "sft"] + (["dpo"] if params.dpo.enabled else [])
+    for stage in stages:
         run([sys.executable, f"stages/{stage}.py"], proj)
-    metrics = json.loads((proj / "metrics/sft.json").read_text())
-    assert metrics["steps"] == 2 and metrics["train_loss"] > 0
-    assert metrics["loss_mode"] == "assistant_only"
-    assert AutoTokenizer.from_pretrained(proj / "models/sft").chat_template == template  # the original
-    cfg = json.loads((Path(proj) / "models/sft/adapter_config.json").read_text())
+    split = json.loads((proj / "metrics/split.json").read_text())
+    sft = json.loads((proj / "metrics/sft.json").read_text())
+    if params.sft.enabled:
+        assert sft["steps"] == 2 and sft["train_loss"] > 0
+        # Loss on answer tokens only: by the template's generation marks, or (a template without them, such
+        # as Mistral's) as prompt/completion pairs.
+        assert sft["loss_mode"] == ("completion_only" if seed.family == "mistral" else "assistant_only")
+        assert AutoTokenizer.from_pretrained(proj / "models/sft").chat_template == template  # the original
+        adapter = proj / "models/sft"
+    else:
+        assert sft == {"method": "none", "enabled": False, "adapter": None}
+        adapter = proj / "models/dpo"
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(data["train"]["lora"]["target_modules"])
-    assert cfg["r"] == data["train"]["lora"]["r"]
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (
+        params.train.lora.r,
+        params.train.lora.alpha,
+        params.train.lora.dropout,
+    )
+    if params.dpo.enabled:
+        dpo = json.loads((proj / "metrics/dpo.json").read_text())
+        assert dpo["steps"] == 2 and dpo["reference"] == "base" and dpo["loss_type"] == params.dpo.loss_type
+        assert AutoTokenizer.from_pretrained(proj / "models/dpo").chat_template == template
+    given = {s.use_as for s in params.fetch.sources if s.use_as}
+    if given:  # the sources' own split, not re-split
+        assert split["rows"]["val"] == ROWS_PER_SOURCE and split["rows"]["test"] == 0
+    if params.evaluate.split == "val":
+        assert split["rows"]["test"] == 0 and split["rows"]["val"] > 0
+    if "tensorboard" in params.train.report_to:  # the real TensorBoard writer, event files on disk
+        assert list(proj.glob("**/events.out.tfevents.*")), "no TensorBoard events"
