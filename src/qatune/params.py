@@ -209,6 +209,43 @@ class MergeParams(Strict):
     check_prompts: int = Field(4, ge=1, description="demo questions used for the check")
 
 
+# GGUF types the export stage writes: the converter's own (16/32-bit), then llama.cpp quantiser types.
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0")
+
+
+class ExportParams(Strict):
+    """The export stage: GGUF files for llama.cpp / Ollama / LM Studio, each checked against the merged model."""
+
+    enabled: bool = Field(True, description="false: no GGUF files, only a note (the rest is unaffected)")
+    quantizations: list[str] = Field(
+        min_length=1,
+        description="GGUF types: f32/f16/bf16 from the converter, q8_0, q6_k, q5_k_m, q4_k_m, q4_0",
+    )
+    tolerance: dict[str, float] = Field(
+        description="per type: largest mean |log-prob difference| of answer tokens vs the merged model"
+    )
+    check_prompts: int = Field(
+        4, ge=1, description="demo questions answered by the merged model, then scored"
+    )
+    check_new_tokens: int = Field(48, ge=1, description="greedy answer tokens per check question")
+    modelfile_quant: str = Field(description="the GGUF the Ollama Modelfile points at")
+    threads: int = Field(0, ge=0, description="llama.cpp threads; 0 = every core")
+
+    @model_validator(mode="after")
+    def _known_types(self) -> ExportParams:
+        unknown = [q for q in self.quantizations if q not in GGUF_TYPES]
+        if unknown:
+            raise ValueError(f"quantizations: unknown type(s) {unknown}; known: {', '.join(GGUF_TYPES)}")
+        if len(set(self.quantizations)) != len(self.quantizations):
+            raise ValueError("quantizations: a type is listed twice")
+        missing = [q for q in self.quantizations if q not in self.tolerance]
+        if missing:
+            raise ValueError(f"tolerance: none given for {missing}")
+        if self.modelfile_quant not in self.quantizations:
+            raise ValueError(f"modelfile_quant: {self.modelfile_quant!r} is not in quantizations")
+        return self
+
+
 class EvalFileParams(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="section name in the report and metrics")
     path: str = Field(description="jsonl/json/csv/parquet file with question + chosen (+ rejected) rows")
@@ -278,6 +315,7 @@ class Params(Strict):
     sft: SFTParams
     dpo: DPOParams
     merge: MergeParams
+    export: ExportParams
     evaluate: EvaluateParams
     generate: GenerateParams
     chat: ChatParams

@@ -82,3 +82,20 @@ def test_every_params_key_a_stage_reads_is_declared_in_dvc_yaml():
             for part in key.split("."):
                 assert part in node, f"stage {name} lists params key {key!r} that params.yaml lacks"
                 node = node[part]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"quantizations": ["f16", "q3_xx"]}, "export': quantizations: unknown type(s) ['q3_xx']"),
+        ({"quantizations": ["f16", "f16"]}, "a type is listed twice"),
+        ({"tolerance": {"f16": 0.02}}, "tolerance: none given for ['q8_0', 'q4_k_m']"),
+        ({"modelfile_quant": "q4_0"}, "modelfile_quant: 'q4_0' is not in quantizations"),
+    ],
+)
+def test_export_block_is_checked(change, message):
+    data = copy.deepcopy(RAW)
+    data["export"].update(change)
+    with pytest.raises(QatuneError) as err:
+        parse_params(data)
+    assert message in str(err.value)
