@@ -2,6 +2,7 @@
 
     qatune ask "How much protein do I need to build muscle?"   # streams the answer to stdout
     qatune ask --mode adapter --temperature 0 "Is creatine safe?"
+    qatune ask --mode gguf "How long should I rest between sets?"   # the GGUF export, in llama.cpp
     echo "What should I eat before a run?" | qatune ask -
     qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load
     qatune chat                                                # Gradio app on http://127.0.0.1:7860
@@ -9,7 +10,8 @@
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
 port, input cap, queue) and `train.system_prompt` (the prompt the model was trained with). Flags override
 them for one run. `merged` serves models/merged (run `dvc repro merge` first); `adapter` serves
-models/base with the LoRA adapter models/dpo on top.
+models/base with the LoRA adapter models/dpo on top; `gguf` serves the export stage's GGUF in llama.cpp
+(models/gguf/model-<export.modelfile_quant>.gguf, as Ollama would; run `dvc repro export` first).
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
     common.add_argument(
         "--mode",
-        choices=["merged", "adapter"],
-        help="merged: one merged model folder; adapter: base model + LoRA adapter (default: generate.mode)",
+        choices=["merged", "adapter", "gguf"],
+        help="merged: one merged model folder; adapter: base model + LoRA adapter; gguf: the exported GGUF in "
+        "llama.cpp (default: generate.mode)",
     )
     common.add_argument(
         "--model-dir",
         help=f"merged mode: the merged model (default {inference.MERGED_DIR}); "
-        f"adapter mode: the base model (default {inference.BASE_DIR})",
+        f"adapter mode: the base model (default {inference.BASE_DIR}); "
+        "gguf mode: the .gguf file (default models/gguf/model-<export.modelfile_quant>.gguf)",
     )
     common.add_argument(
         "--adapter-dir",
@@ -108,7 +112,11 @@ def quiet_libraries() -> None:
 
 def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loaded:
     quiet_libraries()
-    default_dir = inference.MERGED_DIR if mode == "merged" else inference.BASE_DIR
+    default_dir = {
+        "merged": inference.MERGED_DIR,
+        "adapter": inference.BASE_DIR,
+        "gguf": f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf",
+    }[mode]
     loaded = inference.load_model(
         mode,
         args.model_dir or default_dir,

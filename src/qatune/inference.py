@@ -31,6 +31,7 @@ HISTORY_TURNS = 3
 MERGED_DIR = "models/merged"
 BASE_DIR = "models/base"
 ADAPTER_DIR = "models/dpo"
+GGUF_DIR = "models/gguf"
 
 
 # --------------------------------------------------------------------------- machine choices (pure)
@@ -138,11 +139,16 @@ class Loaded:
     dtype: str
     source: str  # "models/merged" or "models/base + models/dpo", for the banner
     template_kwargs: dict = field(default_factory=dict)  # the chat template's variables (Qwen3 thinking)
+    backend: str = "transformers"  # or "llama.cpp" (generate.mode: gguf)
 
 
 def require_model_files(mode: str, model_dir: str | Path, adapter_dir: str | Path) -> None:
     """Fail before importing torch when the pipeline has not produced the model yet."""
     model_dir, adapter_dir = Path(model_dir), Path(adapter_dir)
+    if mode == "gguf":
+        if not model_dir.is_file():
+            raise QatuneError(f"{model_dir}: no GGUF file found; run `dvc repro export` first")
+        return
     if not (model_dir / "config.json").is_file():
         stage = "merge" if mode == "merged" else "fetch"
         raise QatuneError(f"{model_dir}: no model found; run `dvc repro {stage}` first")
@@ -180,6 +186,8 @@ def load_model(
     follow qatune.hardware.placement("serve"): bf16 or fp16 on a GPU, float32 on a CPU.
     """
     require_model_files(mode, model_dir, adapter_dir)
+    if mode == "gguf":
+        return load_gguf(Path(model_dir))
     hw = hardware.probe()
     device = hardware.select_device(device, hw["cuda"])
     device, dtype = hardware.placement("serve", {**hw, "cuda": device == "cuda"})
@@ -188,6 +196,41 @@ def load_model(
     source = f"{model_dir} + {adapter_dir}" if mode == "adapter" else str(model_dir)
     kwargs = template_kwargs(tokenizer.chat_template, enable_thinking)
     return Loaded(model, tokenizer, device, dtype, source, kwargs)
+
+
+def load_gguf(path: Path, n_ctx: int = 4096) -> Loaded:
+    """A GGUF file in llama.cpp (generate.mode: gguf), the way llama.cpp, Ollama and LM Studio run it: its own
+    tokenizer and the chat template stored in the file."""
+    import os
+
+    from qatune.export import llama_cpp_module, stderr_to
+
+    llama_cpp = llama_cpp_module()
+    with stderr_to(Path(os.devnull)):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), verbose=False)
+    quant = path.stem.removeprefix("model-")
+    return Loaded(llm, None, "cpu", f"llama.cpp {quant}", str(path), backend="llama.cpp")
+
+
+def stream_gguf(loaded: Loaded, messages: list[dict], settings: GenerateParams, on_cap: Any) -> Iterator[str]:
+    llm = loaded.model
+    prompt_tokens = sum(len(llm.tokenize(m["content"].encode(), add_bos=False)) for m in messages) + 16
+    allowed = max(1, min(settings.max_new_tokens, llm.n_ctx() - prompt_tokens))
+    if allowed < settings.max_new_tokens and on_cap:
+        on_cap(settings.max_new_tokens, allowed)
+    chunks = llm.create_chat_completion(
+        messages,
+        stream=True,
+        max_tokens=allowed,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        repeat_penalty=settings.repetition_penalty,
+        seed=0,
+    )
+    for chunk in chunks:
+        piece = chunk["choices"][0]["delta"].get("content")
+        if piece:
+            yield piece
 
 
 # --------------------------------------------------------------------------- generation
@@ -229,6 +272,9 @@ def stream_answer(
     the caller stops early (Gradio's stop button closes the generator), generation stops at the next
     token instead of running on and holding a queue slot.
     """
+    if loaded.backend == "llama.cpp":
+        yield from stream_gguf(loaded, messages, settings, on_cap)
+        return
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 

@@ -276,7 +276,9 @@ class GenerateParams(Strict):
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(512, ge=1, description="upper bound; also capped by free memory")
     repetition_penalty: float = Field(1.1, ge=1.0)
-    mode: Literal["merged", "adapter"] = Field("merged", description="serve models/merged or base + adapter")
+    mode: Literal["merged", "adapter", "gguf"] = Field(
+        "merged", description="serve models/merged, base + adapter, or the GGUF export in llama.cpp"
+    )
 
 
 class ChatParams(Strict):

@@ -121,3 +121,32 @@ def test_a_model_the_converter_does_not_know_is_skipped_in_one_line(tmp_path):
     assert json.loads((tmp_path / "metrics/export.json").read_text())["skipped"] == line.removeprefix(
         "export: skipped, "
     )
+
+
+def test_qatune_ask_serves_the_gguf_in_llama_cpp(tmp_path, smollm2_tokenizer):
+    merged = tiny_llama(tmp_path / "merged", smollm2_tokenizer)
+    assert (
+        run_export(
+            tmp_path, merged, quantizations=["f16"], tolerance={"f16": 0.02}, modelfile_quant="f16"
+        ).returncode
+        == 0
+    )
+    exe = Path(sys.executable).parent / "qatune"
+    ask = [str(exe), "ask", "--mode", "gguf", "--temperature", "0", "--max-new-tokens", "12"]
+    done = subprocess.run([*ask, "How much protein do I need?"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (
+        "qatune: models/gguf/model-f16.gguf on cpu (llama.cpp f16)" in done.stderr
+    )  # export.modelfile_quant's file
+    assert len(done.stdout) > 1, "no answer text"  # a random model's tokens (often whitespace), then the newline
+    again = subprocess.run(
+        [*ask, "How much protein do I need?"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert again.stdout == done.stdout  # greedy: the same answer
+    missing = subprocess.run(
+        [*ask, "--model-dir", "nowhere.gguf", "Q?"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert (
+        missing.returncode == 1
+        and "nowhere.gguf: no GGUF file found; run `dvc repro export` first" in missing.stderr
+    )
