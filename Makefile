@@ -123,6 +123,7 @@ bench: setup
 	$(BIN)/python bench/mfu.py
 	$(BIN)/python bench/dpo_ref.py
 	$(BIN)/python bench/generation.py
+	$(BIN)/python bench/gguf.py
 
 # dvc repro + dvc exp run -S beta=0.2 from a clean clone in /tmp (never in this working tree).
 bench-pipeline: setup
