@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         entries = [hub.push_repo(token, entry, message) for entry in entries]
         for entry in entries:
             what = f"uploaded {len(entry['uploaded'])}" if entry["uploaded"] else "nothing to upload"
+            if entry["deleted"]:
+                what += f", deleted {len(entry['deleted'])} no longer in the release ({', '.join(entry['deleted'])})"
             print(
                 f"push-to-hub: {entry['repo_id']}: {what}, {len(entry['unchanged'])} unchanged -> {entry['url']}"
             )

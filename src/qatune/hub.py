@@ -202,6 +202,7 @@ def repo_receipt(
         "mode": "dry-run",
         "uploaded": [],
         "unchanged": [],
+        "deleted": [],
         "commit": None,
     }
 
@@ -275,12 +276,20 @@ def hub_error(repo_id: str, err: Exception) -> QatuneError:
     return QatuneError(f"push-to-hub: {repo_id}: {first}")
 
 
+def stale_files(siblings, release: list[str]) -> list[str]:
+    """Files on the Hub that this release no longer has (.gitattributes is the Hub's own). Left there, a
+    stale model.safetensors would shadow a new sharded release when transformers loads the repo."""
+    keep = set(release) | {".gitattributes"}
+    return sorted(s.rfilename for s in siblings or [] if s.rfilename not in keep)
+
+
 def push_repo(token: str, entry: dict[str, Any], message: str) -> dict[str, Any]:
-    """Create the repo if missing, upload the files whose hash differs, and fill in the receipt entry.
+    """Create the repo if missing, upload the files whose hash differs, delete the files the release no
+    longer has, all in one commit, and fill in the receipt entry.
 
     Nothing differs -> no commit at all, so a re-run of an unchanged release leaves the Hub's history alone.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     from qatune.compat import hub_transport_error  # the Hub client's network errors are not OSErrors
@@ -292,20 +301,23 @@ def push_repo(token: str, entry: dict[str, Any], message: str) -> dict[str, Any]
         info = api.repo_info(repo_id, repo_type="model")
         remote = remote_files(api, repo_id, [f["path"] for f in entry["files"]])
         changed = [f for f in entry["files"] if not is_unchanged(f, folder, remote.get(f["path"]))]
+        stale = stale_files(info.siblings, [f["path"] for f in entry["files"]])
         result = {
             "mode": "uploaded",
             "private": bool(info.private),
             "url": f"{api.endpoint}/{repo_id}",
             "uploaded": [f["path"] for f in changed],
             "unchanged": [f["path"] for f in entry["files"] if f not in changed],
+            "deleted": stale,
             "commit": None,
             "head": info.sha,
         }
-        if changed:
-            ops = [
+        if changed or stale:
+            ops: list[Any] = [
                 CommitOperationAdd(path_in_repo=f["path"], path_or_fileobj=str(folder / f["path"]))
                 for f in changed
             ]
+            ops += [CommitOperationDelete(path_in_repo=path) for path in stale]
             commit = api.create_commit(repo_id, ops, commit_message=message, repo_type="model")
             result["commit"] = {"url": commit.commit_url, "oid": commit.oid}
             result["head"] = commit.oid

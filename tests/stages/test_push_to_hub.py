@@ -299,6 +299,30 @@ def test_push_uploads_then_skips_unchanged_then_only_the_changed_file(proj: Path
     assert_no_sentinel(server.root)
 
 
+def test_a_file_dropped_from_the_release_is_deleted_on_the_hub(proj: Path, server: FakeHub):
+    """A release with a stale shard index, then one without it: the Hub must not keep the old file (it would
+    make transformers look for shards that are gone), and unchanged files stay untouched."""
+    set_hub(proj, push=True)
+    index = proj / "models/merged/model.safetensors.index.json"
+    index.write_text('{"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors"}}\n')
+    push(proj, endpoint=server.url)
+    assert "model.safetensors.index.json" in server.repos[MERGED_REPO].files
+    commits = len(server.repos[MERGED_REPO].commits)
+    index.unlink()
+    again = push(proj, endpoint=server.url)
+    entry = repo_entry(receipt(proj), "merged")
+    assert entry["deleted"] == ["model.safetensors.index.json"] and entry["uploaded"] == []
+    assert "model.safetensors.index.json" not in server.repos[MERGED_REPO].files
+    assert sorted(server.repos[MERGED_REPO].files) == sorted(
+        [".gitattributes", *(f["path"] for f in entry["files"])]
+    )
+    assert len(server.repos[MERGED_REPO].commits) == commits + 1  # one commit for the deletion
+    assert "deleted 1 no longer in the release (model.safetensors.index.json)" in again.stdout
+    assert repo_entry(receipt(proj), "adapter")["deleted"] == []
+    third = push(proj, endpoint=server.url)  # nothing left to do: no commit
+    assert len(server.repos[MERGED_REPO].commits) == commits + 1 and "deleted" not in third.stdout
+
+
 def test_push_while_offline_is_one_clear_error(proj: Path, server: FakeHub):
     set_hub(proj, push=True)
     proc = push(proj, endpoint=server.url, offline=True, check=False)
