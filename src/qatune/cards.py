@@ -35,20 +35,80 @@ class CardInputs:
 # --------------------------------------------------------------------------- metadata
 
 
+def recipe(params: Params) -> tuple[str, list[str]]:
+    """What this run did, in words and as tags: SFT only, SFT then DPO or KTO, or preference tuning straight
+    from the base (seed 000)."""
+    sft, pref = params.sft.enabled, params.dpo.enabled
+    method = params.dpo.method
+    pref_words = {
+        "dpo": f"direct preference optimisation (DPO, loss {' + '.join(params.dpo.loss_type)}) on chosen/rejected pairs",
+        "kto": "KTO on answers labelled good or bad (unpaired preferences)",
+    }[method]
+    if sft and pref:
+        return f"supervised fine-tuning (SFT) on the good answers, then {pref_words}", ["sft", method]
+    if pref:
+        return f"{pref_words}, straight from the base model (no SFT run; the base is the reference)", [method]
+    return "supervised fine-tuning (SFT) on the answers", ["sft"]
+
+
+def data_words(params: Params) -> str:
+    """The training data, from the fetch sources."""
+    names = []
+    for src in params.fetch.sources:
+        if src.type == "hub":
+            names.append(f"[{src.dataset}](https://huggingface.co/datasets/{src.dataset})")
+        elif src.type == "bundled":
+            names.append("qatune's bundled fitness and nutrition preference set")
+        else:
+            names.append(f"a local file ({src.name})")
+    return ", ".join(names)
+
+
+def eval_results(inputs: CardInputs) -> list | None:
+    """The tuned model's evaluate-stage numbers as model-index entries, so the Hub shows them."""
+    from huggingface_hub import EvalResult
+
+    models = (inputs.evaluation or {}).get("models")
+    if not isinstance(models, dict) or not metric_rows(models):
+        return None
+    params = inputs.params
+    dataset = params.hub.datasets[0] if params.hub.datasets else "qatune-heldout"
+    split = params.evaluate.split
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="question answering",
+            dataset_type=dataset,
+            dataset_name=f"{dataset} ({split} split, held out)",
+            dataset_split=split,
+            metric_type=key,
+            metric_name=label,
+            metric_value=round(float(models["final"][key]), 4),
+        )
+        for key, label in metric_rows(models)
+    ]
+
+
 def metadata(inputs: CardInputs) -> str:
-    """The YAML front matter the Hub indexes: base model (and how this repo relates to it), library, tags."""
+    """The YAML front matter the Hub indexes: base model (and how this repo relates to it), library, tags,
+    and the evaluation results as model-index."""
     from huggingface_hub import ModelCardData
 
     hub = inputs.params.hub
     adapter = inputs.role == "adapter"
+    results = eval_results(inputs)
     data = ModelCardData(
+        model_name=inputs.repo_id.split("/")[-1] if results else None,
+        eval_results=results,
         base_model=inputs.base_id,
         base_model_relation="adapter" if adapter else "finetune",  # a merged LoRA is a fine-tune of the base
         library_name="peft" if adapter else "transformers",
         license=hub.license,
         language=["en"],
         datasets=list(hub.datasets) or None,
-        tags=list(dict.fromkeys([*hub.tags, "trl", "sft", "dpo", *(["lora"] if adapter else [])])),
+        tags=list(
+            dict.fromkeys([*hub.tags, "trl", *recipe(inputs.params)[1], *(["lora"] if adapter else [])])
+        ),
         pipeline_tag="text-generation",
     )
     return f"---\n{data.to_yaml()}\n---\n"
@@ -66,10 +126,10 @@ def intro(inputs: CardInputs) -> str:
     else:
         what = f"{base} with a LoRA adapter merged into its weights"
         other = f"The adapter alone (a few MB): [{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})."
+    how, _ = recipe(inputs.params)
     return (
-        f"# {name}\n\n{what}, fine-tuned by [qatune](#provenance) into a fitness and nutrition "
-        f"question-answering assistant: supervised fine-tuning (SFT) on chosen answers, then direct preference "
-        f"optimisation (DPO) on chosen/rejected pairs. {other}\n"
+        f"# {name}\n\n{what}, fine-tuned by [qatune](#provenance) into a question-answering assistant on "
+        f"{data_words(inputs.params)}: {how}. {other}\n"
     )
 
 
@@ -210,10 +270,21 @@ def training_results(sft: dict[str, Any] | None, dpo: dict[str, Any] | None, dpo
 
 def training(inputs: CardInputs) -> str:
     params = inputs.params
+    if params.sft.enabled and params.dpo.enabled:
+        how = (
+            "SFT trains a LoRA adapter on the good answers (loss on assistant tokens); the preference stage "
+            f"({params.dpo.method.upper()}) then continues that adapter with the SFT model as the reference, so "
+            "the adapter applies to the original base model."
+        )
+    elif params.dpo.enabled:
+        how = (
+            f"No SFT run: the preference stage ({params.dpo.method.upper()}) trains a LoRA adapter on the base "
+            "model, with the base itself as the reference."
+        )
+    else:
+        how = "SFT trains a LoRA adapter on the answers (loss on assistant tokens); no preference stage."
     text = (
-        "## Training\n\nSFT trains a LoRA adapter on the chosen answers (loss on assistant tokens); DPO then "
-        "continues that adapter on preference pairs with the SFT model as the reference, so the adapter "
-        f"applies to the original base model.\n\n{hyperparameters(params)}\n"
+        f"## Training\n\n{how}\n\n{hyperparameters(params)}\n"
         f"{training_results(inputs.sft, inputs.dpo, params.dpo.enabled)}"
     )
     if inputs.role == "merged" and inputs.merge:
@@ -272,8 +343,8 @@ LIMITS = """## Limitations
 - **A small model.** A few hundred million parameters or fewer: it makes factual mistakes, forgets
   context and can state wrong numbers confidently.
 - **English only**, like its training data.
-- **Data.** Trained on a small fitness and nutrition preference set; topics outside it fall back to the base
-  model's behaviour, and the data's own gaps and biases carry over.
+- **Data.** Topics outside the training data fall back to the base model's behaviour, and the data's own
+  gaps and biases carry over.
 """
 
 

@@ -302,7 +302,7 @@ class HubParams(Strict):
     )
     license: str = "apache-2.0"
     datasets: list[str] = Field(default_factory=list, description="Hub dataset ids for the card metadata")
-    tags: list[str] = Field(default_factory=lambda: ["qatune", "fitness", "nutrition", "lora", "dpo"])
+    tags: list[str] = Field(default_factory=lambda: ["qatune", "fitness", "nutrition"])
 
 
 class Params(Strict):

@@ -31,7 +31,21 @@ def card(params, role="adapter", **kw) -> str:
 
 
 def front_matter(text: str) -> dict:
-    return yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n"))
+    """The card's metadata as huggingface_hub's own parser reads it (the Hub's tools use the same)."""
+    from huggingface_hub import ModelCard
+
+    parsed = ModelCard(text)
+    assert yaml.safe_load(text.split("\n---\n", 1)[0].removeprefix("---\n")) == parsed.data.to_dict()
+    return parsed.data.to_dict()
+
+
+EVALUATION = {
+    "models": {
+        "base": {"nll": 3.4, "preference_accuracy": 0.36, "rouge_l": 0.2},
+        "final": {"nll": 3.08, "preference_accuracy": 0.44, "rouge_l": 0.22},
+    },
+    "test_rows": 64,
+}
 
 
 def test_metadata_per_role(params):
@@ -42,6 +56,68 @@ def test_metadata_per_role(params):
         assert meta["base_model"] == "org/base" and meta["pipeline_tag"] == "text-generation"
         assert meta["license"] == params.hub.license and set(params.hub.tags) <= set(meta["tags"])
         assert "datasets" not in meta  # the bundled data has no Hub id
+
+
+def test_evaluation_results_are_model_index_metadata(params):
+    from huggingface_hub import ModelCard
+
+    for role in ("adapter", "merged"):
+        parsed = ModelCard(card(params, role, evaluation=EVALUATION))
+        results = {r.metric_type: r for r in parsed.data.eval_results}
+        assert set(results) == {"nll", "preference_accuracy", "rouge_l"}
+        assert results["nll"].metric_value == 3.08 and results["preference_accuracy"].metric_value == 0.44
+        assert (
+            results["nll"].metric_name.startswith("answer NLL")
+            and results["nll"].task_type == "text-generation"
+        )
+        assert results["nll"].dataset_split == "test" and parsed.data.model_name == role
+    assert ModelCard(card(params)).data.eval_results is None  # nothing measured, nothing claimed
+
+
+def with_recipe(params, sft=True, dpo=True, method="dpo"):
+    return params.model_copy(
+        update={
+            "sft": params.sft.model_copy(update={"enabled": sft}),
+            "dpo": params.dpo.model_copy(update={"enabled": dpo, "method": method}),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("sft", "dpo", "method", "words", "tags", "not_tags"),
+    [
+        (
+            True,
+            True,
+            "dpo",
+            "(SFT) on the good answers, then direct preference optimisation",
+            {"sft", "dpo"},
+            {"kto"},
+        ),
+        (True, True, "kto", "then KTO on answers labelled good or bad", {"sft", "kto"}, {"dpo"}),
+        (False, True, "dpo", "straight from the base model (no SFT run", {"dpo"}, {"sft"}),
+        (True, False, "dpo", ": supervised fine-tuning (SFT) on the answers.", {"sft"}, {"dpo", "kto"}),
+    ],
+)
+def test_card_prose_and_tags_describe_what_this_run_did(params, sft, dpo, method, words, tags, not_tags):
+    text = card(with_recipe(params, sft, dpo, method))
+    assert words in text and "qatune's bundled fitness and nutrition preference set" in text
+    meta = front_matter(text)
+    assert tags <= set(meta["tags"]) and not (not_tags & set(meta["tags"]))
+
+
+def test_card_names_hub_datasets_it_trained_on(params):
+    from qatune.params import SourceParams
+
+    hub_source = SourceParams(
+        name="psy", type="hub", dataset="jkhedri/psychology-dataset", format="response_jk"
+    )
+    other = params.model_copy(update={"fetch": params.fetch.model_copy(update={"sources": [hub_source]})})
+    assert "[jkhedri/psychology-dataset](https://huggingface.co/datasets/jkhedri/psychology-dataset)" in card(
+        other
+    )
+    intro = card(other).split("\n# ", 1)[1].split("\n## ", 1)[0]
+    assert "fitness" not in intro and "psychology-dataset" in intro  # the prose follows the data
 
 
 def test_evaluation_table_reads_defensively():
