@@ -138,13 +138,24 @@ def copy_local(folder: Path, out: Path) -> dict[str, Any]:
             os.link(src, dst)
         except OSError:
             shutil.copy2(src, dst)
-    hub_id = None
-    card = folder / "README.md"
-    if card.is_file():
-        for line in card.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("base_model:"):
-                hub_id = line.split(":", 1)[1].strip() or None
-    return {"source": str(folder), "hub_id": hub_id}
+    return {"source": str(folder), "hub_id": card_base_model(folder / "README.md")}
+
+
+def card_base_model(card: Path) -> str | None:
+    """The `base_model` a model card's metadata names, read by huggingface_hub's own parser (YAML lists,
+    quoting and comments included); the first one when it lists several."""
+    if not card.is_file():
+        return None
+    import yaml
+    from huggingface_hub import metadata_load
+
+    try:
+        value = (metadata_load(card) or {}).get("base_model")
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:  # malformed front matter
+        raise QatuneError(f"{card}: unreadable model card metadata ({err})") from None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return (str(value).strip() or None) if value else None
 
 
 def resolve_kind(source: str) -> str:

@@ -138,7 +138,9 @@ def test_qatune_ask_serves_the_gguf_in_llama_cpp(tmp_path, smollm2_tokenizer):
     assert (
         "qatune: models/gguf/model-f16.gguf on cpu (llama.cpp f16)" in done.stderr
     )  # export.modelfile_quant's file
-    assert len(done.stdout) > 1, "no answer text"  # a random model's tokens (often whitespace), then the newline
+    assert len(done.stdout) > 1, (
+        "no answer text"
+    )  # a random model's tokens (often whitespace), then the newline
     again = subprocess.run(
         [*ask, "How much protein do I need?"], cwd=tmp_path, capture_output=True, text=True
     )

@@ -199,3 +199,29 @@ def test_local_paths_are_refused_before_release(tmp_path):
     )
     with pytest.raises(QatuneError, match="adapter_config.json: contains the local path"):
         hub.check_no_local_paths(staged, needles)
+
+
+@pytest.mark.parametrize(
+    ("front", "expected"),
+    [
+        ("base_model: org/base\n", "org/base"),
+        ("base_model:\n- 'org/base'   # the first of several\n- other/model\n", "org/base"),
+        ('license: mit\nbase_model: "org/quoted"\n', "org/quoted"),
+        ("license: mit\n", None),
+    ],
+)
+def test_base_model_is_read_with_huggingface_hubs_parser(tmp_path, front, expected):
+    from qatune.base_model import card_base_model
+
+    card = tmp_path / "README.md"
+    card.write_text(f"---\n{front}---\n\n# A model\n\nbase_model: not/this-one (body text)\n")
+    assert card_base_model(card) == expected
+
+
+def test_unreadable_card_metadata_is_one_line(tmp_path):
+    from qatune.base_model import card_base_model
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nbase_model: [unclosed\n---\n")
+    with pytest.raises(QatuneError, match=r"README.md: unreadable model card metadata"):
+        card_base_model(card)
