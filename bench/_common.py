@@ -85,6 +85,29 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def timed_answers(answer_all, questions: list, repeats: int, count_tokens) -> dict:
+    """One untimed warm-up question, then `repeats` timed passes of answer_all over all questions: wall and
+    CPU seconds, new tokens (count_tokens of each answer), and the median rates."""
+    answer_all(questions[:1])  # warm-up: kernel selection, first-call allocations
+    times, cpu, tokens = [], [], []
+    for _ in range(repeats):
+        start, cpu0 = time.perf_counter(), time.process_time()
+        texts = answer_all(questions)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - cpu0)
+        tokens.append(sum(count_tokens(t) for t in texts))
+    rates = [n / t for n, t in zip(tokens, times, strict=True)]
+    return {
+        "repeats_s": [round(t, 2) for t in times],
+        "new_tokens": tokens,
+        "tokens_per_s_repeats": [round(r, 1) for r in rates],
+        "tokens_per_s": round(median(rates), 1),
+        "seconds_median": round(median(times), 2),
+        # CPU seconds (all threads): robust to other load on a shared machine
+        "tokens_per_cpu_s": round(median([n / c for n, c in zip(tokens, cpu, strict=True)]), 1),
+    }
+
+
 def save(name: str, result: dict, summary: str) -> Path:
     """bench/results/<name>.json and a one-line summary on stdout."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import _common as common
 
@@ -71,28 +70,16 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
 
         info = {"model": loaded.source, "dtype": loaded.dtype, "batch_size": 1}
     qs = [conversation(r, system) for r in rows]
-    answer_all(qs[:1])  # warm-up: kernel selection, first-call allocations
-    times, cpu, tokens = [], [], []
-    for _ in range(repeats):
-        start, cpu0 = time.perf_counter(), time.process_time()
-        texts = answer_all(qs)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu0)
-        tokens.append(sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts))
-    rates = [n / t for n, t in zip(tokens, times, strict=True)]
+    timed = common.timed_answers(
+        answer_all, qs, repeats, lambda t: len(tok(t, add_special_tokens=False)["input_ids"])
+    )
     return {
         "arm": arm,
         **info,
         "questions": len(qs),
         "max_new_tokens": max_new_tokens,
         "repetition_penalty": penalty,
-        "repeats_s": [round(t, 2) for t in times],
-        "new_tokens": tokens,
-        "tokens_per_s_repeats": [round(r, 1) for r in rates],
-        "tokens_per_s": round(common.median(rates), 1),
-        "seconds_median": round(common.median(times), 2),
-        # CPU seconds (all threads): robust to other load on a shared machine
-        "tokens_per_cpu_s": round(common.median([n / c for n, c in zip(tokens, cpu, strict=True)]), 1),
+        **timed,
     }
 
 

@@ -47,15 +47,9 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
     def answer_all(batch):
         return ["".join(inference.stream_answer(loaded, q, settings)).strip() for q in batch]
 
-    answer_all(qs[:1])
-    times, cpu, tokens = [], [], []
-    for _ in range(repeats):
-        start, cpu0 = time.perf_counter(), time.process_time()
-        texts = answer_all(qs)
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - cpu0)
-        tokens.append(sum(len(counter(t, add_special_tokens=False)["input_ids"]) for t in texts))
-    rates = [n / t for n, t in zip(tokens, times, strict=True)]
+    timed = common.timed_answers(
+        answer_all, qs, repeats, lambda t: len(counter(t, add_special_tokens=False)["input_ids"])
+    )
     return {
         "arm": arm,
         "model": loaded.source,
@@ -64,9 +58,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
         "load_s": round(load_s, 2),
         "questions": len(qs),
         "max_new_tokens": max_new_tokens,
-        "new_tokens": tokens,
-        "tokens_per_s": round(common.median(rates), 1),
-        "tokens_per_cpu_s": round(common.median([n / c for n, c in zip(tokens, cpu, strict=True)]), 1),
+        **timed,
     }
 
 

@@ -77,8 +77,8 @@ def convert(model_dir: Path, out_file: Path, outtype: str, log_file: Path) -> No
     folder = converter_dir()
     cmd = [sys.executable, str(folder / "convert_hf_to_gguf.py"), str(model_dir), "--outtype", outtype]
     cmd += ["--outfile", str(out_file)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_LOCAL_GGUF": ""}
-    env.pop("NO_LOCAL_GGUF")  # the converter's own gguf-py, the version it was written against
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("NO_LOCAL_GGUF", None)  # the converter's own gguf-py, the version it was written against
     with open(log_file, "w", encoding="utf-8") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     if done.returncode != 0:

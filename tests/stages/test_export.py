@@ -20,26 +20,10 @@ from tests.conftest import ROOT
 
 
 def tiny_llama(out: Path, tokenizer) -> Path:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """qatune.tiny's random 2-layer Llama, sized to this tokenizer."""
+    from qatune.tiny import build_model
 
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    build_model(tokenizer, "llama").save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 
