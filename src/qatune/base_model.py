@@ -6,7 +6,9 @@ Downstream stages only ever read models/base, so dvc.lock hashes exactly the wei
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import tempfile
 import shutil
 from pathlib import Path
 from typing import Any
@@ -72,12 +74,76 @@ def check_bundled_version(distribution: str) -> str:
     return installed
 
 
-def convert_bundled(name: str, out: Path) -> dict[str, Any]:
-    """De-quantise the bundled GGUF once and save it as a plain safetensors folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# A byte-level BPE's decoder, as tokenizers writes it (tokenizer.ggml.model "gpt2" in a GGUF file).
+BYTE_LEVEL_DECODER = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+}
+
+
+def gguf_tokenizer_metadata(path: Path) -> dict[str, Any]:
+    """The tokenizer facts a GGUF file states: its model kind and its special tokens by name."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key: str) -> Any:
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    tokens = value("tokenizer.ggml.tokens") or []
+    special = {}
+    for attr, key in GGUF_SPECIAL_TOKENS.items():
+        index = value(key)
+        if index is not None and 0 <= int(index) < len(tokens):
+            special[attr] = tokens[int(index)]
+    return {"model": value("tokenizer.ggml.model"), "special": special}
+
+
+def bundled_tokenizer(name: str):
+    """The bundled GGUF's tokenizer, held to what the GGUF file itself states.
+
+    transformers' GGUF loader is not the same across the versions qatune's images install. 5.23 (the CPU
+    image) reads SmolLM2's byte-level BPE as the file states. 5.17 (the CUDA image) encodes the same ids but
+    takes `<|im_start|>` as eos with no pad token, turns on byte fallback with an unknown token, and writes a
+    ByteFallback decoder: generation would stop one turn late, and llama.cpp's loader aborts on the exported
+    vocabulary (`unordered_map::at`). So the special tokens come from the file's ids, and a byte-level BPE
+    ("gpt2") gets its byte-level decoder back, without byte fallback, normaliser or unknown token.
+    """
+    from transformers import AutoTokenizer
 
     folder, filename = bundled_gguf(name)
+    stated = gguf_tokenizer_metadata(folder / filename)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    with tempfile.TemporaryDirectory(prefix="qatune-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        state_file = Path(tmp, "tokenizer.json")
+        config_file = Path(tmp, "tokenizer_config.json")
+        state = json.loads(state_file.read_text())
+        config = json.loads(config_file.read_text())
+        if stated["model"] == "gpt2" and state["model"].get("type") == "BPE":
+            state["model"].update(byte_fallback=False, fuse_unk=False, unk_token=None)
+            state["normalizer"] = None
+            state["decoder"] = BYTE_LEVEL_DECODER
+            if config.get("clean_up_tokenization_spaces"):  # a WordPiece clean-up, wrong for BPE
+                config["clean_up_tokenization_spaces"] = False
+        for attr, token in stated["special"].items():
+            config[attr] = token
+            config.pop(f"{attr}_id", None)
+        state_file.write_text(json.dumps(state, ensure_ascii=False))
+        config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def convert_bundled(name: str, out: Path) -> dict[str, Any]:
+    """De-quantise the bundled GGUF once and save it as a plain safetensors folder."""
+    from transformers import AutoModelForCausalLM
+
+    folder, filename = bundled_gguf(name)
+    tokenizer = bundled_tokenizer(name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
     # The GGUF loader marks the model as quantized, which blocks save_pretrained and Trainer;
     # the weights are already de-quantized to float32, so the marker is all that has to go.

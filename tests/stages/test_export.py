@@ -30,12 +30,9 @@ def tiny_llama(out: Path, tokenizer) -> Path:
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from transformers import AutoTokenizer
+    from qatune.base_model import bundled_tokenizer
 
-    from qatune.base_model import bundled_gguf
-
-    folder, name = bundled_gguf("smollm2-135m-instruct")
-    return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return bundled_tokenizer("smollm2-135m-instruct")
 
 
 def run_export(proj: Path, merged: Path, **export) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """The bundled fitness & nutrition preference pairs: schema, variety, balance, and the card's numbers."""
 
 import itertools
+import json
 import re
 import unicodedata
 from collections import Counter
@@ -96,12 +97,9 @@ def test_demo_questions_are_not_in_the_dataset():
 
 @pytest.fixture(scope="module")
 def smollm2_counter():
-    from transformers import AutoTokenizer
+    from qatune.base_model import bundled_tokenizer
 
-    from qatune.base_model import bundled_gguf
-
-    folder, name = bundled_gguf("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tok = bundled_tokenizer("smollm2-135m-instruct")
 
     def count(messages, generation_prompt):
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
@@ -121,3 +119,30 @@ def test_clean_reads_it_with_zero_rejects_under_the_default_limits(smollm2_count
     assert result.rejects == []
     assert len(result.kept) == len(ROWS)
     assert {r["meta"]["safety"] for r in result.kept} == {True, False}
+
+
+def test_the_bundled_tokenizer_is_what_its_gguf_file_states():
+    """Under every transformers an image installs (5.17's GGUF loader takes <|im_start|> as eos, no pad, and
+    adds byte fallback), the tokenizer ends a turn at <|im_end|>, pads with it, and is a byte-level BPE."""
+    import transformers
+
+    from qatune.base_model import bundled_gguf, bundled_tokenizer, gguf_tokenizer_metadata
+
+    folder, name = bundled_gguf("smollm2-135m-instruct")
+    stated = gguf_tokenizer_metadata(folder / name)
+    assert stated["model"] == "gpt2"
+    assert stated["special"] == {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+    }
+    tok = bundled_tokenizer("smollm2-135m-instruct")
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 2), transformers.__version__
+    state = json.loads(tok.backend_tokenizer.to_str())
+    assert state["model"]["byte_fallback"] is False and state["model"]["unk_token"] is None
+    assert state["decoder"]["type"] == "ByteLevel" and state["normalizer"] is None
+    text = "Protein , per kg ?\n  3×10 reps, café 🏋️"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
