@@ -24,7 +24,7 @@ import shutil
 import time
 from pathlib import Path
 
-from qatune import hardware, lm_head, modeling, training
+from qatune import compat, hardware, lm_head, modeling, training
 from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import on_policy_rejected
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     # the trainable SFT adapter, no peft_config: TRL copies it as the frozen reference
     torch.manual_seed(params.seed)
     hw = hardware.resolve(train)
+    if cfg.method == "kto" and (blocker := compat.installed_kto_blocker(hw["cuda"])):
+        raise QatuneError(f"{args.params}: dpo.method kto: {blocker}")
     modeling.import_backend(hw["backend"])
     from datasets import Dataset
     from peft import PeftModel

@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 

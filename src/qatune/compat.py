@@ -50,6 +50,34 @@ def resumed_loss_is_per_run_mean(trainer) -> bool:
     return hasattr(trainer, "_initial_global_step")
 
 
+# --------------------------------------------------------------------------- trl
+
+
+def kto_blocker(trl_version: str, triton_installed: bool, cuda: bool) -> str | None:
+    """Why KTO cannot train here, or None when it can.
+
+    TRL's KTOTrainer scores answers through a fused LM head. From 1.16 the head falls back to plain torch off
+    CUDA; in 1.15 (the CUDA image's) it always runs TRL's Triton kernel, which needs triton and a CUDA device.
+    So on the CUDA image KTO trains on the GPU and nowhere else, and qatune says so before any work."""
+    parts = tuple(int(p) for p in trl_version.split(".")[:2] if p.isdigit())
+    if parts >= (1, 16) or (triton_installed and cuda):
+        return None
+    needs = " and ".join(x for x, ok in (("triton", triton_installed), ("a CUDA device", cuda)) if not ok)
+    return (
+        f"trl {trl_version}'s KTO trainer runs its log-probabilities in a Triton kernel, which needs {needs}; "
+        "train KTO on a GPU, or install trl >= 1.16 (the CPU lock), or use dpo.method: dpo with paired rows"
+    )
+
+
+def installed_kto_blocker(cuda: bool) -> str | None:
+    """Probe: kto_blocker for the installed trl and triton on a machine with or without CUDA."""
+    import importlib.util
+
+    import trl
+
+    return kto_blocker(trl.__version__, importlib.util.find_spec("triton") is not None, cuda)
+
+
 # --------------------------------------------------------------------------- huggingface_hub
 
 

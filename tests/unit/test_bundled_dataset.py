@@ -138,11 +138,15 @@ def test_the_bundled_tokenizer_is_what_its_gguf_file_states():
         "unk_token": "<|endoftext|>",
     }
     tok = bundled_tokenizer("smollm2-135m-instruct")
-    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 2), transformers.__version__
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 2), (
+        transformers.__version__
+    )
     state = json.loads(tok.backend_tokenizer.to_str())
     assert state["model"]["byte_fallback"] is False and state["model"]["unk_token"] is None
     assert state["decoder"]["type"] == "ByteLevel" and state["normalizer"] is None
     text = "Protein , per kg ?\n  3×10 reps, café 🏋️"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")

@@ -76,3 +76,24 @@ def test_the_cuda_stack_requirements_follow_the_cuda_lock():
         [sys.executable, "docker/cuda-stack.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("trl_version", "triton", "cuda", "blocked_by"),
+    [
+        ("1.16.0", False, False, None),  # CPU lock: the fused head falls back to torch
+        ("1.16.0", True, True, None),
+        ("1.15.0", True, True, None),  # CUDA image on its GPU
+        ("1.15.0", True, False, "a CUDA device"),  # CUDA image's versions, no GPU
+        ("1.15.0", False, False, "triton and a CUDA device"),  # `make test-cuda-stack` (CPU torch)
+        ("1.15.0", False, True, "triton"),
+        ("2.0.0.dev0", False, False, None),
+    ],
+)
+def test_kto_blocker(trl_version, triton, cuda, blocked_by):
+    reason = compat.kto_blocker(trl_version, triton, cuda)
+    if blocked_by is None:
+        assert reason is None
+    else:
+        assert f"which needs {blocked_by};" in reason and f"trl {trl_version}" in reason
+        assert "\n" not in reason
