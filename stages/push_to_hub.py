@@ -1,14 +1,16 @@
-"""push-to-hub: release the final adapter and the merged model as two Hub repos, with model cards.
+"""push-to-hub: release the final adapter, the merged model and its GGUF files as Hub repos, with model cards.
 
     python stages/push_to_hub.py --params params.yaml --base models/base --adapter models/dpo \
-        --merged models/merged --metrics metrics --out models/hub --receipt metrics/push.json
+        --merged models/merged --gguf models/gguf --metrics metrics --out models/hub --receipt metrics/push.json
 
     HF_TOKEN=hf_... HF_HUB_OFFLINE=0 dvc exp run push-to-hub -S hub.push=true   # really upload
 
 Reads `hub` (repos, privacy, card metadata), `generate` (the merged model's generation config) and the
-training params the cards describe. Always stages exactly what would be uploaded into models/hub/adapter
-and models/hub/merged (hard links to the weights, fresh adapter_config.json / generation_config.json /
-README.md) and writes metrics/push.json: per repo the files with size and sha256, and what was uploaded.
+training params the cards describe. Always stages exactly what would be uploaded into models/hub/adapter,
+models/hub/merged (hard links to the weights, fresh adapter_config.json / generation_config.json /
+README.md) and, with `hub.gguf_repo` set and GGUF files from the export stage, models/hub/gguf (the files
+metrics/export.json verified, the Modelfile, a card with their sizes and agreement). Writes
+metrics/push.json: per repo the files with size and sha256, and what was uploaded.
 Uploads only with `hub.push: true` and a token; then only files whose sha256 differs from the Hub's copy,
 and no commit at all when nothing changed. The token is handed to huggingface_hub and never written.
 """
@@ -16,6 +18,7 @@ and no commit at all when nothing changed. The token is handed to huggingface_hu
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from qatune import hub
@@ -33,13 +36,13 @@ def card_provenance(base_dir: str, adapter_dir: str, lock: str) -> dict:
         "data_sha256": trained.get("data_sha256"),
         "trained_commit": trained.get("git_commit"),
         "release_commit": git_commit(),
-        "dvc_lock": hub.lock_entries(lock, ("dpo", "merge")),
+        "dvc_lock": hub.lock_entries(lock, ("dpo", "merge", "export")),
     }
 
 
 def public_provenance(params: Params, base_id: str, prov: dict, metrics: dict) -> dict:
     """qatune_provenance.json as published: resolved params and hashes, no local paths."""
-    dumped = params.model_dump(include={"seed", "beta", "train", "sft", "dpo", "merge", "generate"})
+    dumped = params.model_dump(include={"seed", "beta", "train", "sft", "dpo", "merge", "export", "generate"})
     source = params.base_model.source
     return {
         "base_model": {
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base", default="models/base", help="base model folder from fetch (for its Hub id)")
     parser.add_argument("--adapter", default="models/dpo", help="final LoRA adapter to release")
     parser.add_argument("--merged", default="models/merged", help="merged model to release")
-    parser.add_argument("--metrics", default="metrics", help="folder with sft/dpo/merge/evaluate.json")
+    parser.add_argument("--gguf", default="models/gguf", help="the export stage's GGUF files and Modelfile")
+    parser.add_argument("--metrics", default="metrics", help="folder with sft/dpo/merge/evaluate/export.json")
     parser.add_argument("--out", default="models/hub", help="staging folder: exactly what is uploaded")
     parser.add_argument("--receipt", default="metrics/push.json", help="what was staged and uploaded")
     parser.add_argument(
@@ -81,12 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     base_id = hub.resolve_base_id(cfg.base_model_id, args.base, params.base_model.source)
     metrics_dir = Path(args.metrics)
     metrics = {
-        name: hub.read_json(metrics_dir / f"{name}.json") for name in ("sft", "dpo", "merge", "evaluate")
+        name: hub.read_json(metrics_dir / f"{name}.json")
+        for name in ("sft", "dpo", "merge", "evaluate", "export")
     }
     prov = card_provenance(args.base, args.adapter, args.lock)
     published = hub.json_text(public_provenance(params, base_id, prov, metrics))
     repos = {"adapter": cfg.adapter_repo, "merged": cfg.merged_repo}
     sources = {"adapter": Path(args.adapter), "merged": Path(args.merged)}
+    files = {role: hub.publishable_files(sources[role]) for role in repos}
+    skipped_gguf = None
+    if cfg.gguf_repo:
+        files["gguf"], skipped_gguf = hub.gguf_release_files(args.gguf, metrics["export"])
+        if files["gguf"]:
+            repos["gguf"] = cfg.gguf_repo
 
     merged_gen = hub.read_json(sources["merged"] / "generation_config.json") or {}
     generated = {
@@ -98,28 +109,32 @@ def main(argv: list[str] | None = None) -> None:
         "merged": {
             "generation_config.json": hub.json_text(hub.generation_config(merged_gen, params.generate))
         },
+        "gguf": {},
     }
-    needles = hub.local_path_needles(args.base, args.adapter, args.merged, params.base_model.source)
+    siblings = {"adapter": cfg.merged_repo, "merged": cfg.adapter_repo, "gguf": cfg.merged_repo}
+    needles = hub.local_path_needles(
+        args.base, args.adapter, args.merged, args.gguf, params.base_model.source
+    )
     entries = []
-    for role in hub.ROLES:
-        other = repos["merged" if role == "adapter" else "adapter"]
+    for role in (r for r in hub.ROLES if r in repos):
         card = render_card(
             CardInputs(
                 role=role,
                 repo_id=repos[role],
-                sibling_repo=other,
+                sibling_repo=siblings[role],
                 base_id=base_id,
                 params=params,
                 sft=metrics["sft"],
                 dpo=metrics["dpo"],
                 merge=metrics["merge"],
                 evaluation=metrics["evaluate"],
+                export=metrics["export"],
                 provenance=prov,
             )
         )
-        files = {**generated[role], "README.md": card, PROVENANCE_FILE: published}
+        written = {**generated[role], "README.md": card, PROVENANCE_FILE: published}
         staged = Path(args.out) / role
-        counts = hub.stage_folder(sources[role], staged, files)
+        counts = hub.stage_folder(files[role], staged, written)
         hub.check_no_local_paths(staged, needles)
         entries.append(hub.repo_receipt(role, repos[role], cfg.private, staged, hub.manifest(staged)))
         print(
@@ -127,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{counts['generated']} generated)"
         )
 
+    if "gguf" not in repos:  # no GGUF release this time: an earlier one's staging must not linger
+        shutil.rmtree(Path(args.out) / "gguf", ignore_errors=True)
+    if skipped_gguf:
+        print(f"push-to-hub: no GGUF release ({cfg.gguf_repo}): {skipped_gguf}")
     if token is not None:
         message = f"qatune release ({(prov['release_commit'] or 'no git commit')[:12]})"
         entries = [hub.push_repo(token, entry, message) for entry in entries]

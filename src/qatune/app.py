@@ -19,15 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from qatune import inference  # noqa: E402
+from qatune.cards import recipe  # noqa: E402
 from qatune.demo import demo_questions  # noqa: E402
 from qatune.errors import QatuneError  # noqa: E402
 from qatune.params import ChatParams, GenerateParams, Params  # noqa: E402
 
-TITLE = "qatune: fitness & nutrition QA"
-DESCRIPTION = (
-    "A small model fine-tuned with LoRA SFT + DPO. Answers are generated, not checked by a professional: "
-    "see a doctor for pain, dizziness or medical conditions."
-)
 # Slider ranges: temperature above ~1.2 turns a 135M model's answers into noise; the token slider stops
 # at 2048 because the adaptive cap (free memory, context window) lowers anything beyond what fits.
 TEMPERATURE_MAX = 1.5
@@ -90,6 +86,16 @@ def make_respond(loaded: inference.Loaded, params: Params, settings: GeneratePar
     return respond
 
 
+def description(params: Params, loaded: inference.Loaded) -> str:
+    """What this run did to the model (from params, as the model cards say it) and what is serving."""
+    how, _ = recipe(params)
+    return (
+        f"A LoRA fine-tune by qatune: {how}. Answers are generated and can be wrong: check anything that "
+        f"matters for your health with a professional.  \nModel: `{loaded.source}` on {loaded.device} "
+        f"({loaded.dtype})."
+    )
+
+
 def build_app(loaded: inference.Loaded, params: Params, settings: GenerateParams) -> gr.ChatInterface:
     """The chat UI with sliders preset from params; queue limits from params.chat."""
     sliders = [
@@ -112,9 +118,9 @@ def build_app(loaded: inference.Loaded, params: Params, settings: GenerateParams
         # One-item rows: shown as cards in the empty chat, answered with the sliders' current values.
         examples=[[q] for q in demo_questions(EXAMPLES)],
         cache_examples=False,
-        title=TITLE,
-        description=f"{DESCRIPTION}  \nModel: `{loaded.source}` on {loaded.device} ({loaded.dtype}).",
-        textbox=gr.Textbox(placeholder="Ask a fitness or nutrition question…", submit_btn=True),
+        title=params.chat.title,
+        description=description(params, loaded),
+        textbox=gr.Textbox(placeholder=params.chat.placeholder or None, submit_btn=True),
         analytics_enabled=False,
         api_name="chat",
     )

@@ -1,4 +1,4 @@
-"""Model cards (README.md) for the two released repos, built only from params and metrics files.
+"""Model cards (README.md) for the released repos (adapter, merged, GGUF), built only from params and metrics.
 
 Pure functions of their inputs, so a card can be checked in a unit test and a re-run with the same
 params and metrics writes the same bytes (the upload then skips it). The YAML header is rendered by
@@ -20,7 +20,7 @@ from qatune.report import MEASURES, fmt, is_number
 class CardInputs:
     """Everything a card says, gathered by the stage; metrics are None when their stage did not run."""
 
-    role: str  # "adapter" or "merged"
+    role: str  # "adapter", "merged" or "gguf"
     repo_id: str
     sibling_repo: str
     base_id: str
@@ -29,6 +29,7 @@ class CardInputs:
     dpo: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None  # metrics/export.json: the GGUF card's files, sizes and agreement
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -369,7 +370,7 @@ def provenance(inputs: CardInputs) -> str:
         f"- Code (git commit) that trained the adapter: `{prov.get('trained_commit') or 'not recorded'}`",
         f"- Code (git commit) that made this release: `{prov.get('release_commit') or 'not a git checkout'}`",
     ]
-    text = "## Provenance\n\nBuilt by qatune's DVC pipeline (fetch → clean → split → sft → dpo → merge → push-to-hub).\n\n"
+    text = "## Provenance\n\nBuilt by qatune's DVC pipeline (fetch → clean → split → sft → dpo → merge → export → push-to-hub; score and evaluate measure it).\n\n"
     text += "\n".join(lines) + "\n"
     lock = prov.get("dvc_lock") or {}
     if lock:
@@ -383,10 +384,179 @@ def provenance(inputs: CardInputs) -> str:
     return text
 
 
+# --------------------------------------------------------------------------- the GGUF release
+
+
+def gguf_metadata(inputs: CardInputs) -> str:
+    """GGUF files are a quantised copy of the merged repo: the Hub's model tree links them to it. No
+    model-index: the evaluate stage measured the merged weights, not these files."""
+    from huggingface_hub import ModelCardData
+
+    hub = inputs.params.hub
+    data = ModelCardData(
+        base_model=inputs.sibling_repo,
+        base_model_relation="quantized",
+        library_name="gguf",
+        license=hub.license,
+        language=["en"],
+        datasets=list(hub.datasets) or None,
+        tags=list(dict.fromkeys([*hub.tags, "gguf", "llama.cpp", "ollama", *recipe(inputs.params)[1]])),
+        pipeline_tag="text-generation",
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def gguf_files(export: dict[str, Any]) -> list[dict[str, Any]]:
+    return [f for f in export.get("files") or [] if isinstance(f, dict) and f.get("file")]
+
+
+def ollama_tag(quant: str) -> str:
+    """The tag `ollama run hf.co/<repo>:<tag>` and `llama-cli -hf <repo>:<tag>` pick a file by."""
+    return quant.upper()
+
+
+def gguf_intro(inputs: CardInputs) -> str:
+    export = inputs.export or {}
+    name = inputs.repo_id.split("/")[-1]
+    merged = f"[{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})"
+    how, _ = recipe(inputs.params)
+    return (
+        f"# {name}\n\nGGUF files of {merged} for llama.cpp, Ollama and LM Studio: "
+        f"[{inputs.base_id}](https://huggingface.co/{inputs.base_id}) fine-tuned by [qatune](#provenance) on "
+        f"{data_words(inputs.params)} ({how}).\n\n"
+        f"Written by llama.cpp's own converter (`convert_hf_to_gguf.py`) and quantiser "
+        f"({export.get('converter') or 'llama.cpp'}), not by a hand-written GGUF writer, and verified: llama.cpp "
+        f"loaded each file back and scored the merged model's greedy answers to "
+        f"{fmt(export.get('check_prompts'))} questions ({fmt(export.get('check_tokens'))} answer tokens) token by "
+        "token against the merged model in transformers. A file over its tolerance would have failed the "
+        "release.\n"
+    )
+
+
+def file_size(n: Any) -> str:
+    if not is_number(n):
+        return "–"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{0 if unit == 'MB' else 1}f} {unit}"
+    return f"{int(n)} B"
+
+
+def gguf_table(export: dict[str, Any]) -> str:
+    """One row per file: size, agreement with the merged model, llama.cpp's speed on the machine that ran
+    the export."""
+    rows = []
+    for f in gguf_files(export):
+        size = file_size(f.get("bytes"))
+        cells = [
+            f"`{f['file']}`",
+            f"`{ollama_tag(str(f.get('quant', '?')))}`",
+            size,
+            fmt(f.get("mean_abs_logprob_diff")),
+            fmt(f.get("max_abs_logprob_diff")),
+            fmt(f.get("top1_agreement")),
+            fmt(f.get("tolerance")),
+            fmt(f.get("tokens_per_s")),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    merged_size = export.get("merged_bytes")
+    merged = (
+        f"\nThe merged model in transformers (float32 safetensors, "
+        f"{file_size(merged_size)}) ran {fmt(export.get('merged_tokens_per_s'))} tokens/s on the same machine.\n"
+        if is_number(merged_size)
+        else ""
+    )
+    return (
+        "## Files\n\n"
+        "| file | tag | size | mean \\|Δ log p\\| | max \\|Δ log p\\| | top-1 agreement | tolerance | tokens/s |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+        "Δ log p is the difference in each answer token's log-probability between the file in llama.cpp and the "
+        "merged model (nats; lower is closer); top-1 agreement is how often both pick the same next token. "
+        "Tokens/s: llama.cpp on the CPU that ran the export, one question at a time." + merged
+    )
+
+
+def gguf_usage(inputs: CardInputs) -> str:
+    """llama.cpp, Ollama and llama-cpp-python, with the system prompt and sampling the model was tuned for."""
+    export, params = inputs.export or {}, inputs.params
+    files = gguf_files(export)
+    pick = next(
+        (f for f in files if f.get("quant") == params.export.modelfile_quant), files[-1] if files else {}
+    )
+    quant, file = str(pick.get("quant", params.export.modelfile_quant)), pick.get("file", "model.gguf")
+    tag, repo, gen = ollama_tag(quant), inputs.repo_id, params.generate
+    system = params.train.system_prompt
+    sys_flag = f" -sys {json.dumps(system)}" if system else ""
+    sampling = f"--temp {gen.temperature} --top-p {gen.top_p} --repeat-penalty {gen.repetition_penalty}"
+    modelfile = export.get("modelfile")
+    private = (
+        "The repo is private: `hf auth login` (or `HF_TOKEN=...`) before downloading; for `ollama run hf.co/...` "
+        "add your Ollama key to your Hugging Face account.\n\n"
+        if params.hub.private
+        else ""
+    )
+    text = f"## How to run\n\n{private}"
+    text += (
+        "**llama.cpp** (the chat template is inside the file):\n\n```sh\n"
+        f"llama-cli -hf {repo}:{tag}{sys_flag} {sampling}\n"
+        f"# or with a downloaded file\nhf download {repo} {file} --local-dir .\n"
+        f"llama-cli -m {file}{sys_flag} {sampling}\n```\n\n"
+    )
+    if modelfile:
+        text += (
+            f"**Ollama**: the `{modelfile}` here runs `{file}` with the model's chat template, system prompt and "
+            "sampling defaults:\n\n```sh\n"
+            f"hf download {repo} {file} {modelfile} --local-dir {repo.split('/')[-1]}\n"
+            f"cd {repo.split('/')[-1]} && ollama create {repo.split('/')[-1].lower()} -f {modelfile}\n"
+            f"ollama run {repo.split('/')[-1].lower()}\n```\n\n"
+            f"or straight from the Hub (Ollama's own defaults, no system prompt): `ollama run hf.co/{repo}:{tag}`\n\n"
+        )
+    messages = (f'    {{"role": "system", "content": {json.dumps(system)}}},\n' if system else "") + (
+        '    {"role": "user", "content": "How much protein do I need to build muscle?"},\n'
+    )
+    text += (
+        "**Python** (llama-cpp-python):\n\n```python\nfrom llama_cpp import Llama\n\n"
+        f'llm = Llama.from_pretrained(repo_id="{repo}", filename="{file}", n_ctx=2048, verbose=False)\n'
+        f"out = llm.create_chat_completion(\n    messages=[\n{messages}    ],\n"
+        f"    temperature={gen.temperature}, top_p={gen.top_p}, repeat_penalty={gen.repetition_penalty}, "
+        f"max_tokens={gen.max_new_tokens},\n)\n"
+        'print(out["choices"][0]["message"]["content"])\n```\n'
+    )
+    return text
+
+
+def gguf_evaluation(inputs: CardInputs) -> str:
+    """The merged model's evaluation, said to be the merged model's: these files agree with it as above."""
+    table = evaluation_table(inputs.evaluation)
+    if "was not run" in table:
+        return table
+    return table.replace(
+        "## Evaluation\n\n",
+        f"## Evaluation\n\nMeasured on the merged weights these files were converted from "
+        f"([{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})); the table under *Files* says "
+        "how closely each file follows them. ",
+        1,
+    )
+
+
 def render_card(inputs: CardInputs) -> str:
     """README.md for one repo."""
     if inputs.role not in ROLES:
         raise ValueError(f"card role must be one of {ROLES}, got {inputs.role!r}")
+    if inputs.role == "gguf":
+        if not inputs.export or not gguf_files(inputs.export):
+            raise ValueError("a GGUF card needs metrics/export.json with its files")
+        return "\n".join(
+            [
+                gguf_metadata(inputs),
+                gguf_intro(inputs),
+                gguf_table(inputs.export),
+                gguf_usage(inputs),
+                gguf_evaluation(inputs),
+                LIMITS,
+                provenance(inputs),
+            ]
+        )
     sections = [
         metadata(inputs),
         intro(inputs),

@@ -1,9 +1,10 @@
 """Release plumbing for push-to-hub: stage what would be uploaded, hash it, upload only what changed.
 
-The staged folders (models/hub/adapter, models/hub/merged) are exactly what reaches the Hub, so a dry run
-shows a release before it happens. Large files are hard links to the trained artifacts (no second copy of a
-500 MB model); files qatune rewrites (adapter_config.json, generation_config.json, README.md) are new files,
-so models/dpo and models/merged are never modified. The Hub is reached only through `huggingface_hub`,
+The staged folders (models/hub/adapter, models/hub/merged and, when the export stage wrote files,
+models/hub/gguf) are exactly what reaches the Hub, so a dry run shows a release before it happens. Large
+files are hard links to the trained artifacts (no second copy of a 500 MB model); files qatune rewrites
+(adapter_config.json, generation_config.json, README.md) are new files, so models/dpo, models/merged and
+models/gguf are never modified. The Hub is reached only through `huggingface_hub`,
 which reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported: import it only inside these functions.
 """
 
@@ -22,7 +23,7 @@ from qatune.io import sha256_file, write_json
 from qatune.params import GenerateParams
 from qatune.provenance import BASE_RECORD
 
-ROLES = ("adapter", "merged")  # the two repos a release publishes
+ROLES = ("adapter", "merged", "gguf")  # the repos a release publishes; gguf only when export wrote files
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Training-only or local-only files: optimizer state, Trainer arguments (a pickle), qatune's local
 # provenance (it holds local paths; a public one is written instead) and peft's placeholder card.
@@ -125,14 +126,41 @@ def generation_config(merged_config: dict[str, Any], gen: GenerateParams) -> dic
     return config
 
 
-def stage_folder(src: str | Path, dst: str | Path, generated: dict[str, str]) -> dict[str, int]:
-    """Fill `dst` with src's publishable files (linked) plus `generated` name -> text (written fresh)."""
-    src, dst = Path(src), Path(dst)
+def gguf_release_files(folder: str | Path, export: dict[str, Any] | None) -> tuple[list[Path], str | None]:
+    """(the files the GGUF release publishes, or [] with the reason there is none).
+
+    Exactly what metrics/export.json says the export stage wrote and verified: every checked .gguf and the
+    Modelfile. Its logs stay behind (they name local paths), and so does any other file in the folder.
+    """
+    if not export:
+        return [], "no metrics/export.json (run the export stage first)"
+    if not export.get("enabled") or export.get("skipped"):
+        return (
+            [],
+            f"the export stage wrote no GGUF files ({export.get('skipped') or 'export.enabled is false'})",
+        )
+    names = [f["file"] for f in export.get("files") or [] if isinstance(f, dict) and f.get("file")]
+    if not names:
+        return [], "metrics/export.json lists no GGUF files"
+    if export.get("modelfile"):
+        names.append(export["modelfile"])
+    files = [Path(folder) / name for name in names]
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise QatuneError(
+            f"{missing[0]}: listed in metrics/export.json but not found (run the export stage again)"
+        )
+    return files, None
+
+
+def stage_folder(files: list[Path], dst: str | Path, generated: dict[str, str]) -> dict[str, int]:
+    """Fill `dst` with `files` (linked) plus `generated` name -> text (written fresh)."""
+    dst = Path(dst)
     if dst.exists():
         shutil.rmtree(dst)  # unlinks only: the trained artifacts stay untouched
     dst.mkdir(parents=True)
     counts = {"link": 0, "copy": 0, "generated": 0}
-    for path in publishable_files(src):
+    for path in files:
         if path.name not in generated:
             counts[link_or_copy(path, dst / path.name)] += 1
     for name, text in generated.items():

@@ -282,6 +282,8 @@ class GenerateParams(Strict):
 
 
 class ChatParams(Strict):
+    title: str = Field("qatune: fitness & nutrition QA", min_length=1, description="the app's heading")
+    placeholder: str = Field("Ask a fitness or nutrition question…", description="the empty question box")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only when you mean it")
     port: int = Field(7860, ge=1, le=65535)
     share: bool = Field(False, description="a public gradio.live link; off unless asked")
@@ -296,6 +298,11 @@ class HubParams(Strict):
     )
     adapter_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     merged_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+    gguf_repo: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="third repo: the export stage's GGUF files and Modelfile; null = no GGUF release",
+    )
     private: bool = True
     base_model_id: str | None = Field(
         None, description="Hub id of the base written into cards/adapter config; null = from models/base"

@@ -40,6 +40,7 @@ STAGES = (
     "score@final",
     "evaluate",
     "merge",
+    "export",
     "push-to-hub",
 )
 
@@ -50,20 +51,22 @@ def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
     for name in STAGES:
         assert f"Running stage '{name}'" in out
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.1
-    assert json.loads((proj / "metrics/push.json").read_text())  # the dry-run receipt
+    receipt = json.loads((proj / "metrics/push.json").read_text())  # the dry-run receipt
+    assert [r["role"] for r in receipt["repos"]] == ["adapter", "merged", "gguf"]
     dag = dvc(proj, "dag", "--dot").stdout
     for edge in (
         '"check-params" -> "fetch"',
         '"dpo" -> "score@final"',
         '"score@final" -> "evaluate"',
         '"dpo" -> "merge"',
-        '"merge" -> "push-to-hub"',
+        '"merge" -> "export"',
+        '"export" -> "push-to-hub"',
         '"evaluate" -> "push-to-hub"',
     ):
         assert edge in dag
 
     out = dvc(proj, "exp", "run", "-S", "beta=0.2").stdout  # the literal command users run
-    for name in ("dpo", "score@final", "evaluate", "merge", "push-to-hub"):
+    for name in ("dpo", "score@final", "evaluate", "merge", "export", "push-to-hub"):
         assert f"Running stage '{name}'" in out
     skipped = ("fetch", "clean", "split", "sft", "score@base", "score@sft")
     assert all(f"Running stage '{s}'" not in out for s in skipped)

@@ -26,6 +26,7 @@ SENTINEL = "hf_qatuneSENTINELtoken_5f1c9a7e"  # a unique value to grep for: it m
 HUB_BASE_ID = "qatune-tests/tiny-llama-base"
 ADAPTER_REPO = "tester/tiny-fitness-lora"
 MERGED_REPO = "tester/tiny-fitness"
+GGUF_REPO = "tester/tiny-fitness-GGUF"
 EVALUATE = {
     "models": {
         "base": {
@@ -57,6 +58,52 @@ DPO = {
     "eval": {"loss": 0.66, "rewards/accuracies": 0.75, "rewards/margins": 0.05},
 }
 MERGE = {"dtype": "float32", "prompts": 4, "max_abs_logit_diff_saved": 1.2e-5}
+QUANTS = ("f16", "q8_0")
+
+
+def export_metrics(quants=QUANTS) -> dict:
+    """metrics/export.json as the export stage writes it (tests/stages/test_export.py runs the real stage)."""
+    files = [
+        {
+            "quant": q,
+            "file": f"model-{q}.gguf",
+            "bytes": 300 + i,
+            "mean_abs_logprob_diff": 0.001 * (i + 1),
+            "max_abs_logprob_diff": 0.01 * (i + 1),
+            "top1_agreement": 1.0 - 0.02 * i,
+            "tolerance": 0.1,
+            "tokens_per_s": 50.0 + i,
+        }
+        for i, q in enumerate(quants)
+    ]
+    return {
+        "enabled": True,
+        "skipped": None,
+        "converter": "llama.cpp via llama-cpp-python 0.3.36",
+        "check_prompts": 4,
+        "check_tokens": 96,
+        "merged_bytes": 1_000_000,
+        "merged_tokens_per_s": 20.0,
+        "files": files,
+        "modelfile": "Modelfile",
+    }
+
+
+def write_gguf(path: Path, quant: str) -> None:
+    """A small but real GGUF file, written by llama.cpp's gguf package: the release only moves its bytes
+    (the export stage's own test converts, quantises and loads real models)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"tiny {quant}")
+    writer.add_tensor("token_embd.weight", np.full((4, 8), len(quant), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 DATA_SHA = "d" * 64
 
 
@@ -101,9 +148,22 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pat
     merged.save_pretrained(proj / "models" / "merged")
     tokenizer.save_pretrained(proj / "models" / "merged")
 
+    gguf_dir = proj / "models" / "gguf"
+    gguf_dir.mkdir()
+    for quant in QUANTS:
+        write_gguf(gguf_dir / f"model-{quant}.gguf", quant)
+    (gguf_dir / "Modelfile").write_text("FROM ./model-q8_0.gguf\nPARAMETER temperature 0.2\n")
+    (gguf_dir / "convert.log").write_text(f"INFO: loading {proj / 'models' / 'merged'}\n")  # never released
+
     metrics = proj / "metrics"
     metrics.mkdir()
-    for name, data in {"evaluate": EVALUATE, "sft": SFT, "dpo": DPO, "merge": MERGE}.items():
+    for name, data in {
+        "evaluate": EVALUATE,
+        "sft": SFT,
+        "dpo": DPO,
+        "merge": MERGE,
+        "export": export_metrics(),
+    }.items():
         (metrics / f"{name}.json").write_text(json.dumps(data))
     lock = {
         "schema": "2.0",
@@ -119,7 +179,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pat
     (proj / "dvc.lock").write_text(yaml.safe_dump(lock))
     params = tiny_params(tiny_model_dir, ROOT / "tests" / "fixtures" / "mixed_small.jsonl")
     params["hub"].update(
-        adapter_repo=ADAPTER_REPO, merged_repo=MERGED_REPO, base_model_id=None
+        adapter_repo=ADAPTER_REPO, merged_repo=MERGED_REPO, gguf_repo=GGUF_REPO, base_model_id=None
     )  # from the record
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     return proj
@@ -360,3 +420,89 @@ def test_unknown_base_id_asks_for_hub_base_model_id(proj: Path):
         json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         == "someone/their-base"
     )
+
+
+def test_gguf_release_stages_the_verified_files_and_a_card_of_their_own(proj: Path):
+    proc = push(proj, token=None)
+    gguf_dir, staged = proj / "models/gguf", proj / "models/hub/gguf"
+    assert "staged gguf" in proc.stdout
+    # Exactly what metrics/export.json verified, the Modelfile, the card and the public provenance; the
+    # converter's log (it names local paths) stays behind.
+    assert sorted(p.name for p in staged.iterdir()) == sorted(
+        ["Modelfile", "README.md", "model-f16.gguf", "model-q8_0.gguf", "qatune_provenance.json"]
+    )
+    for quant in QUANTS:  # hard links: no second copy of the weights
+        assert (staged / f"model-{quant}.gguf").stat().st_ino == (
+            gguf_dir / f"model-{quant}.gguf"
+        ).stat().st_ino
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard((staged / "README.md").read_text())
+    meta = card.data.to_dict()
+    assert meta["base_model"] == MERGED_REPO and meta["base_model_relation"] == "quantized"
+    assert meta["library_name"] == "gguf" and {"gguf", "llama.cpp", "ollama"} <= set(meta["tags"])
+    assert card.data.eval_results is None  # evaluate measured the merged weights, not these files
+    text = card.text
+    assert "| `model-q8_0.gguf` | `Q8_0` | 301 B | 0.002 | 0.02 | 0.98 | 0.1 | 51 |" in text
+    assert f"llama-cli -hf {GGUF_REPO}:Q4_K_M" not in text  # modelfile_quant q4_k_m is not in this release
+    assert f"llama-cli -hf {GGUF_REPO}:Q8_0" in text and "ollama create" in text
+    assert f"ollama run hf.co/{GGUF_REPO}:Q8_0" in text and "Llama.from_pretrained" in text
+    assert "Measured on the merged weights" in text and "| 2.5 | 2.1 | 2 | -0.5 |" in text
+
+    entry = repo_entry(receipt(proj), "gguf")
+    assert entry["repo_id"] == GGUF_REPO and entry["mode"] == "dry-run"
+    assert {f["path"]: f["sha256"] for f in entry["files"]} == {p.name: sha256(p) for p in staged.iterdir()}
+
+
+def test_gguf_release_uploads_then_deletes_a_dropped_quantisation(proj: Path, server: FakeHub):
+    set_hub(proj, push=True)
+    push(proj, endpoint=server.url)
+    repo = server.repos[GGUF_REPO]
+    assert repo.files["model-f16.gguf"]["lfs"] is True and repo.private is True
+    assert server.read(GGUF_REPO, "model-q8_0.gguf") == (proj / "models/gguf/model-q8_0.gguf").read_bytes()
+    assert "convert.log" not in repo.files
+    commits = len(repo.commits)
+
+    # The export stage reruns with quantizations [f16]: q8_0 and its card row must leave the Hub.
+    (proj / "models/gguf/model-q8_0.gguf").unlink()
+    (proj / "metrics/export.json").write_text(json.dumps(export_metrics(("f16",))))
+    again = push(proj, endpoint=server.url)
+    entry = repo_entry(receipt(proj), "gguf")
+    assert entry["deleted"] == ["model-q8_0.gguf"] and sorted(entry["uploaded"]) == [
+        "README.md",
+        "qatune_provenance.json",
+    ]
+    assert "model-q8_0.gguf" not in repo.files and len(repo.commits) == commits + 1
+    assert "model-q8_0.gguf" not in server.read(GGUF_REPO, "README.md").decode()
+    assert "deleted 1 no longer in the release (model-q8_0.gguf)" in again.stdout
+    assert_no_sentinel(proj, again.stdout, again.stderr)
+    assert_no_sentinel(server.root)
+
+
+def test_no_gguf_release_without_a_repo_or_without_export_files(proj: Path, server: FakeHub):
+    push(proj, token=None)
+    assert (proj / "models/hub/gguf").is_dir()
+    # The export stage skipped (export.enabled false): one line says so, and the earlier staging goes.
+    (proj / "metrics/export.json").write_text(
+        json.dumps({"enabled": False, "skipped": "export.enabled is false", "files": []})
+    )
+    proc = push(proj, token=None)
+    assert (
+        f"no GGUF release ({GGUF_REPO}): the export stage wrote no GGUF files (export.enabled is false)"
+        in proc.stdout
+    )
+    assert not (proj / "models/hub/gguf").exists()
+    assert [r["role"] for r in receipt(proj)["repos"]] == ["adapter", "merged"]
+    # hub.gguf_repo null: no third repo is created on upload, and nothing is said about it.
+    (proj / "metrics/export.json").write_text(json.dumps(export_metrics()))
+    set_hub(proj, push=True, gguf_repo=None)
+    proc = push(proj, endpoint=server.url)
+    assert sorted(server.repos) == sorted([ADAPTER_REPO, MERGED_REPO]) and "GGUF" not in proc.stdout
+    # A file export.json lists but the folder lacks: one line naming it, nothing uploaded.
+    set_hub(proj, gguf_repo=GGUF_REPO)
+    (proj / "models/gguf/model-f16.gguf").unlink()
+    proc = push(proj, endpoint=server.url, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert "model-f16.gguf: listed in metrics/export.json but not found" in proc.stderr
+    assert GGUF_REPO not in server.repos

@@ -225,3 +225,18 @@ def test_unreadable_card_metadata_is_one_line(tmp_path):
     card.write_text("---\nbase_model: [unclosed\n---\n")
     with pytest.raises(QatuneError, match=r"README.md: unreadable model card metadata"):
         card_base_model(card)
+
+
+def test_gguf_card_needs_the_export_metrics_and_sizes_read_plainly(params):
+    from qatune.cards import file_size
+
+    for export in (None, {"enabled": True, "files": []}):
+        with pytest.raises(ValueError, match="metrics/export.json"):
+            card(params, "gguf", export=export)
+    assert [file_size(n) for n in (None, 512, 2_500, 105_453_920, 2_700_000_000)] == [
+        "–",
+        "512 B",
+        "2.5 kB",
+        "105 MB",
+        "2.7 GB",
+    ]
