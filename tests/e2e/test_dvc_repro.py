@@ -52,7 +52,13 @@ def test_full_repro_then_beta_experiment_reruns_only_dpo_and_after(project):
         assert f"Running stage '{name}'" in out
     assert json.loads((proj / "metrics/dpo.json").read_text())["beta"] == 0.1
     receipt = json.loads((proj / "metrics/push.json").read_text())  # the dry-run receipt
-    assert [r["role"] for r in receipt["repos"]] == ["adapter", "merged", "gguf"]
+    # The tiny model's made-up tokenizer is not one llama.cpp's converter knows: export says so in one line,
+    # writes no files, and the rest of the pipeline goes on with two releases (tests/stages/test_export.py
+    # exports a model with SmolLM2's tokenizer; tests/stages/test_push_to_hub.py releases GGUF files).
+    export = json.loads((proj / "metrics/export.json").read_text())
+    assert export["files"] == [] and "converter does not support this model" in export["skipped"]
+    assert [r["role"] for r in receipt["repos"]] == ["adapter", "merged"]
+    assert "no GGUF release" in out
     dag = dvc(proj, "dag", "--dot").stdout
     for edge in (
         '"check-params" -> "fetch"',
