@@ -308,7 +308,7 @@ def metric_rows(models: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def evaluation_table(evaluation: dict[str, Any] | None) -> str:
+def evaluation_table(evaluation: dict[str, Any] | None, lead: str = "") -> str:
     """Base vs (SFT vs) tuned from metrics/evaluate.json, read defensively: missing cells show '–'."""
     models = (evaluation or {}).get("models")
     if not isinstance(models, dict) or not metric_rows(models):
@@ -328,7 +328,7 @@ def evaluation_table(evaluation: dict[str, Any] | None) -> str:
         rows.append("| " + " | ".join(cells) + " |")
     rows_note = evaluation.get("test_rows")
     where = f"on {rows_note} held-out test rows" if is_number(rows_note) else "on the held-out test split"
-    text = f"## Evaluation\n\nqatune's evaluate stage, {where} (never trained or tuned on).\n\n{header}\n{rule}\n"
+    text = f"## Evaluation\n\n{lead}qatune's evaluate stage, {where} (never trained or tuned on).\n\n{header}\n{rule}\n"
     text += "\n".join(rows) + "\n"
     reward = evaluation.get("dpo_implicit_reward")
     if isinstance(reward, dict) and any(is_number(v) for v in reward.values()):
@@ -485,6 +485,7 @@ def gguf_usage(inputs: CardInputs) -> str:
     )
     quant, file = str(pick.get("quant", params.export.modelfile_quant)), pick.get("file", "model.gguf")
     tag, repo, gen = ollama_tag(quant), inputs.repo_id, params.generate
+    name = repo.split("/")[-1]
     system = params.train.system_prompt
     sys_flag = f" -sys {json.dumps(system)}" if system else ""
     sampling = f"--temp {gen.temperature} --top-p {gen.top_p} --repeat-penalty {gen.repetition_penalty}"
@@ -506,9 +507,9 @@ def gguf_usage(inputs: CardInputs) -> str:
         text += (
             f"**Ollama**: the `{modelfile}` here runs `{file}` with the model's chat template, system prompt and "
             "sampling defaults:\n\n```sh\n"
-            f"hf download {repo} {file} {modelfile} --local-dir {repo.split('/')[-1]}\n"
-            f"cd {repo.split('/')[-1]} && ollama create {repo.split('/')[-1].lower()} -f {modelfile}\n"
-            f"ollama run {repo.split('/')[-1].lower()}\n```\n\n"
+            f"hf download {repo} {file} {modelfile} --local-dir {name}\n"
+            f"cd {name} && ollama create {name.lower()} -f {modelfile}\n"
+            f"ollama run {name.lower()}\n```\n\n"
             f"or straight from the Hub (Ollama's own defaults, no system prompt): `ollama run hf.co/{repo}:{tag}`\n\n"
         )
     messages = (f'    {{"role": "system", "content": {json.dumps(system)}}},\n' if system else "") + (
@@ -527,15 +528,11 @@ def gguf_usage(inputs: CardInputs) -> str:
 
 def gguf_evaluation(inputs: CardInputs) -> str:
     """The merged model's evaluation, said to be the merged model's: these files agree with it as above."""
-    table = evaluation_table(inputs.evaluation)
-    if "was not run" in table:
-        return table
-    return table.replace(
-        "## Evaluation\n\n",
-        f"## Evaluation\n\nMeasured on the merged weights these files were converted from "
+    return evaluation_table(
+        inputs.evaluation,
+        lead=f"Measured on the merged weights these files were converted from "
         f"([{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})); the table under *Files* says "
         "how closely each file follows them. ",
-        1,
     )
 
 
