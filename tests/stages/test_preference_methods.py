@@ -78,7 +78,7 @@ def test_a_wrong_loss_is_refused_in_one_line(project):
 
 def test_dpo_straight_from_the_base_when_sft_is_disabled(project):
     """Seed 000: no SFT run; a new adapter on the base, and the base itself is the reference."""
-    proj = project(sft={"enabled": False})
+    proj = project(sft={"enabled": False}, dpo={"loss_type": ["sigmoid"], "loss_weights": None})
     for name in ("fetch", "clean", "split", "sft"):
         stage(proj, name)
     assert not (proj / "models/sft/adapter_config.json").exists()
@@ -121,7 +121,9 @@ def test_kto_trains_unpaired_answers_and_never_learns_a_bad_one_as_good(project,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     bad = {r["completion"] for r in rows if not r["label"]}
 
-    proj = project(data, dpo={"method": "kto", "loss_type": ["kto"]}, split={"stratify": None})
+    proj = project(
+        data, dpo={"method": "kto", "loss_type": ["kto"], "loss_weights": None}, split={"stratify": None}
+    )
     for name in ("fetch", "clean", "split"):
         stage(proj, name)
     clean = metrics(proj, "clean")
