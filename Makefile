@@ -120,6 +120,8 @@ plots: setup
 # They train and generate for several minutes each on 2 cores: run them on an otherwise idle machine.
 bench: setup
 	$(BIN)/python bench/sft_vs_trl.py
+	$(BIN)/python bench/sft_vs_trl.py --steps 8 --arms qatune-ckpt-1,qatune-ckpt-0.5,qatune-ckpt-0 --name sft_checkpointing
+	$(BIN)/python bench/score_precision.py
 	$(BIN)/python bench/mfu.py
 	$(BIN)/python bench/dpo_ref.py
 	$(BIN)/python bench/generation.py

@@ -16,6 +16,9 @@ LoRA r/alpha/targets, same steps, batch size and learning rate:
 - trl-fp32: the same with bf16=False: the plain fp32 trainer most tutorials start from.
 - qatune-flip-ckpt: qatune with train.activation_checkpointing flipped (not in the default set): the other
             side of the speed / memory trade-off, measured in the same run.
+- qatune-ckpt-S: qatune with activation checkpointing on a share S of the decoder layers
+            (train.checkpoint_layers; qatune-ckpt-1 = every layer, qatune-ckpt-0 = off), e.g.
+            --arms qatune-ckpt-1,qatune-ckpt-0.5,qatune-ckpt-0 --name sft_checkpointing
 Measured: real (non-padding) tokens/s over the training steps (model loading, tokenising and the
 first step excluded: see `steady`), the same including step 1, peak RSS of the arm's process, the
 mean training loss over the run (different batches per arm: informational) and the eval loss on the same
@@ -33,7 +36,17 @@ import time
 
 import _common as common
 
-ARMS = ("qatune", "qatune-flip-ckpt", "trl", "trl-fp32")
+ARMS = ("qatune", "qatune-flip-ckpt", "qatune-ckpt-S", "trl", "trl-fp32")
+
+
+def checkpoint_share(arm: str) -> float | None:
+    """The share of checkpointed layers a `qatune-ckpt-S` arm asks for (0 = off); None for other arms."""
+    if not arm.startswith("qatune-ckpt-"):
+        return None
+    share = float(arm.removeprefix("qatune-ckpt-"))
+    if not 0 <= share <= 1:
+        raise SystemExit(f"{arm}: the share of checkpointed layers is between 0 and 1")
+    return share
 
 
 class Counter:
@@ -105,13 +118,17 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     if arm.startswith("qatune"):
         if arm == "qatune-flip-ckpt":  # the other side of the speed / memory trade-off
             train = train.model_copy(update={"activation_checkpointing": not train.activation_checkpointing})
+        if (share := checkpoint_share(arm)) is not None:
+            train = train.model_copy(
+                update={"activation_checkpointing": share > 0, "checkpoint_layers": share or 1.0}
+            )
         hw = hardware.resolve(train)
         model, tok = modeling.load_base("models/base", train, hw, cfg.max_length)
         tok.chat_template, loss_mode = chat_template_for_training(tok)
         args = {**training.trainer_args(train, cfg, hw, params.seed, out), **common_run}
+        args["load_best_model_at_end"] = False  # nothing is evaluated or saved while timed
         config = SFTConfig(
             **args,
-            load_best_model_at_end=False,
             packing=cfg.packing,
             padding_free=cfg.padding_free,
             assistant_only_loss=loss_mode == "assistant_only",
@@ -149,7 +166,9 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
             eval_dataset=to_set(val),
             processing_class=tok,
             peft_config=peft_config,
-            callbacks=[timer],
+            callbacks=[timer, *training.callbacks(train, cfg, "sft", hw)]
+            if arm.startswith("qatune")
+            else [timer],
         )
     setup_s = time.perf_counter() - t_load
     counter = Counter(trainer.data_collator)
@@ -166,6 +185,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         "arm": arm,
         "precision": precision,
         "activation_checkpointing": bool(getattr(config, compat.checkpointing_key(compat.training_fields()))),
+        "checkpoint_layers": hw["checkpoint_layers"] if arm.startswith("qatune") else 1.0,
         "lm_head": head,
         "sampling": getattr(config, "train_sampling_strategy", "random"),
         "loss_mode": loss_mode,
@@ -203,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (its sft and train blocks)")
     parser.add_argument("--eval-rows", type=int, default=16, help="val rows scored after training, per arm")
     parser.add_argument("--tolerance", type=float, default=0.1, help="max |loss difference| in nats")
+    parser.add_argument("--name", default="sft_vs_trl", help="results file: bench/results/<name>.json")
     parser.add_argument("--arm", help=argparse.SUPPRESS)  # internal: run one arm and print its JSON
     args = parser.parse_args(argv)
     if args.arm:
@@ -264,8 +285,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"({flip['tokens_per_s'] / results[ref]['tokens_per_s']:.2f}x), {flip['peak_rss_gb']} GB"
             )
     else:
-        summary = "sft_vs_trl: " + json.dumps({a: r["tokens_per_s"] for a, r in results.items()})
-    common.save("sft_vs_trl", out, summary)
+        summary = f"{args.name}: " + json.dumps(
+            {
+                a: {"tok/s": r["tokens_per_s"], "steady": r["tokens_per_s_steady"], "GB": r["peak_rss_gb"]}
+                for a, r in results.items()
+            }
+        )
+    common.save(args.name, out, summary)
 
 
 if __name__ == "__main__":

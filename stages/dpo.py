@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         **training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),
         "beta": params.beta,
         "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+        "precompute_ref_batch_size": cfg.precompute_ref_batch_size,
     }
     if cfg.method == "kto":
         config = KTOConfig(
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_dataset=sets["val"],
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=training.callbacks(cfg, "dpo"),
+            callbacks=training.callbacks(train, cfg, "dpo", hw),
         )
 
     # ---- train, with the same validation pairs scored before (policy = reference) and after
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     runtime = time.perf_counter() - start
-    after = trainer.evaluate()
+    after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
     if not trainer.is_world_process_zero():
         return
 

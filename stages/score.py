@@ -6,7 +6,7 @@
 Reads `seed`, `train.system_prompt`, `train.enable_thinking`, `train.trust_remote_code` and the scoring
 keys of `evaluate`. The model is models/base with the adapter merged in (`--adapter models/base` scores the
 base itself), on the GPU when there is one (qatune.hardware.placement). Scores the chosen and rejected
-answers of every row in float32; with --generate it also answers every question and the demo questions
+answers of every row in float32 (bf16 with `evaluate.score_precision: auto` on hardware fast at it); with --generate it also answers every question and the demo questions
 greedily (bf16/fp16 on GPUs, bf16 on CPUs that are fast at it) and measures each answer's
 similarity to the chosen and rejected ones. Writes everything, rows included, to one JSON file that the
 evaluate stage reports on. dvc.yaml runs it once per model, so an experiment that changes only the final
@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = template_kwargs(tokenizer.chat_template, params.train.enable_thinking)
     if adapters:  # merged into the weights: a LoRA forward costs ~30% more than the plain model's
         model = model.merge_and_unload().eval()
+    score_dtype = hardware.score_dtype(params.evaluate.score_precision, hw)
+    model.to(getattr(torch, score_dtype))  # merged in float32 first: only the forward passes round
 
-    # Phase 1, float32: likelihoods of the chosen and rejected answers of every set.
+    # Phase 1, float32 (or bf16 where evaluate.score_precision: auto finds it fast): likelihoods of the
+    # chosen and rejected answers of every set.
     t0 = time.perf_counter()
     out: dict = {"model": args.name, "adapter": str(adapter) if adapters else None, "sets": {}}
     for label, rows in sets.items():
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows_cap,
         "generate_rows": params.evaluate.generate_rows,
         "batch_size": batch_size,
+        "score_dtype": score_dtype,
         "max_new_tokens": params.evaluate.max_new_tokens,
         "repetition_penalty": params.evaluate.repetition_penalty,
         "semantic_model": params.evaluate.semantic_model,

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             eval_dataset=sets["val"],
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=training.callbacks(cfg, "sft"),
+            callbacks=training.callbacks(train, cfg, "sft", hw),
         )
     if len(trainer.train_dataset) == 0:
         raise QatuneError(
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     runtime = time.perf_counter() - start
-    after = trainer.evaluate()
+    after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
     if not trainer.is_world_process_zero():
         return
 

@@ -106,6 +106,19 @@ def placement(purpose: str, hw: dict[str, Any]) -> tuple[str, str]:
     return "cpu", "bfloat16" if purpose == "generate" and hw["cpu_bf16"] else "float32"
 
 
+def score_dtype(requested: str, hw: dict[str, Any]) -> str:
+    """The dtype the score stage computes likelihoods in (`evaluate.score_precision`): float32, or for
+    `auto` bfloat16 where the device is fast at it (a bf16 GPU, an AVX512-BF16/AMX CPU). Never fp16: its
+    range is too narrow for summed log-probabilities. The model loads and merges its adapter in float32
+    first (placement("score")), so only the forward passes round."""
+    if requested == "fp32":
+        return "float32"
+    if requested != "auto":
+        raise QatuneError(f"evaluate.score_precision: unknown value '{requested}' (auto, fp32)")
+    fast = hw["cuda_bf16"] if hw["cuda"] else hw["cpu_bf16"]
+    return "bfloat16" if fast else "float32"
+
+
 def training_dtype(precision: str) -> str:
     """The dtype a base model loads in on CUDA for training: that of the mixed precision (bf16, fp16), so a
     T4 never gets bf16 weights; float32 for fp32 training."""
@@ -139,11 +152,28 @@ def probe() -> dict[str, Any]:
     }
 
 
+# train.checkpoint_layers: auto on a CPU training in bf16. Measured in the sft stage (30 steps, 2-core
+# AVX512-BF16, bench/RESULTS.md 8): every layer 169 tok/s at 2.84 GB peak RSS, 8 of 30 layers 231 tok/s at
+# 3.67 GB, none 245 tok/s at 4.07 GB. fp32 activations take twice the memory, so fp32 keeps every layer.
+CPU_BF16_CHECKPOINT_SHARE = 0.25
+
+
+def select_checkpoint_layers(requested: float | str, precision: str, cuda: bool) -> float:
+    """The share of decoder layers checkpointed when train.activation_checkpointing is on. `auto`: a
+    quarter on a CPU training in bf16 (faster for the memory it has to spare), every layer elsewhere: in
+    fp32 the same share would pass 4 GB, and on a GPU memory is the constraint checkpointing is for."""
+    if requested != "auto":
+        return float(requested)
+    return CPU_BF16_CHECKPOINT_SHARE if not cuda and precision == "bf16" else 1.0
+
+
 def resolve(train) -> dict[str, Any]:
-    """The machine plus the choices the `train` block asks for: backend, precision, LM head."""
+    """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
+    checkpointed layers."""
     hw = probe()
     check_quantization(train.load_in_4bit, hw["cuda"])
     backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
     precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
     head = select_lm_head(train.lm_head, hw["cuda"], backend)
-    return {**hw, "backend": backend, "precision": precision, "lm_head": head}
+    share = select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
+    return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}

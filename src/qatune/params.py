@@ -99,6 +99,12 @@ class TrainParams(Strict):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     activation_checkpointing: bool = False
+    checkpoint_layers: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        1.0,
+        description="with activation_checkpointing: the share of decoder layers recomputed in the backward "
+        "pass, evenly spaced (1 = every layer; 0.5 = every other: faster steps, more memory); auto = a "
+        "quarter on a CPU training in bf16, every layer elsewhere",
+    )
     lm_head: Literal["auto", "qatune", "trl"] = "auto"
     trust_remote_code: bool = Field(
         False, description="run model code from the Hub when loading the base; off unless a profile needs it"
@@ -176,6 +182,9 @@ class DPOParams(OptimParams):
     desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good answers' loss")
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad answers' loss")
     precompute_ref_log_probs: bool = True
+    precompute_ref_batch_size: int | None = Field(
+        None, ge=1, description="pairs per no-grad reference pass when precomputing; null = batch_size"
+    )
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
 
@@ -259,6 +268,10 @@ class EvaluateParams(Strict):
     rows: int = Field(0, ge=0, description="test rows scored for NLL and preference accuracy; 0 = all")
     generate_rows: int = Field(0, ge=0, description="test questions answered by base and final; 0 = all")
     batch_size: int = Field(16, ge=1, description="sequences per forward pass / generation batch")
+    score_precision: Literal["auto", "fp32"] = Field(
+        "fp32",
+        description="likelihoods in float32, or auto: bf16 where the hardware is fast at it (all models alike)",
+    )
     max_new_tokens: int = Field(192, ge=1, description="greedy generation budget per answer")
     repetition_penalty: float = Field(1.0, ge=1.0, description="1.0 = off")
     semantic_model: Literal["bundled:all-minilm-l6-v2"] | None = Field(

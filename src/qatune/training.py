@@ -77,6 +77,10 @@ def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> 
         "greater_is_better": False,
         "max_length": cfg.max_length,
     }
+    if "tensorboard" in args["report_to"]:
+        # TensorBoard's callback takes its folder from here; otherwise the first evaluate() before training
+        # opens a writer in ./runs of the project (outside every DVC output) and the whole run logs there.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir) / "runs"))
     if not hw["cuda"]:
         args["use_cpu"] = True
     args.update(distributed_args(train.distributed, hw["cuda"], int(os.environ.get("WORLD_SIZE", "1"))))
@@ -112,18 +116,62 @@ def distributed_args(strategy: str, cuda: bool, world_size: int) -> dict[str, An
     return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
 
 
-def callbacks(cfg, block: str) -> list:
-    """Early stopping when `<block>.early_stopping_patience` > 0 (it needs the best checkpoint kept)."""
-    if not cfg.early_stopping_patience:
-        return []
-    if not cfg.load_best_model_at_end:
-        raise QatuneError(
-            f"{block}.early_stopping_patience: {cfg.early_stopping_patience} needs "
-            f"{block}.load_best_model_at_end: true (early stopping keeps the best checkpoint)"
-        )
-    from transformers import EarlyStoppingCallback
+def callbacks(train, cfg, block: str, hw: dict[str, Any]) -> list:
+    """Partial activation checkpointing when the share of checkpointed layers (`train.checkpoint_layers`,
+    resolved in hw by qatune.hardware) is below 1, and early stopping when `<block>.early_stopping_patience`
+    > 0 (it needs the best checkpoint kept)."""
+    out: list = []
+    share = hw["checkpoint_layers"]
+    if train.activation_checkpointing and share < 1:
+        if hw["backend"] == "unsloth":  # said, not refused: a profile may keep the CPU-tuned share
+            print(
+                f"train.checkpoint_layers: {share} does not apply to the unsloth backend, "
+                "which checkpoints every layer its own way",
+                flush=True,
+            )
+        else:
+            out.append(partial_checkpointing(share))
+    if cfg.early_stopping_patience:
+        if not cfg.load_best_model_at_end:
+            raise QatuneError(
+                f"{block}.early_stopping_patience: {cfg.early_stopping_patience} needs "
+                f"{block}.load_best_model_at_end: true (early stopping keeps the best checkpoint)"
+            )
+        from transformers import EarlyStoppingCallback
 
-    return [EarlyStoppingCallback(cfg.early_stopping_patience)]
+        out.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    return out
+
+
+def checkpointed_layers(count: int, share: float) -> list[int]:
+    """Which of `count` decoder layers recompute their activations: round(share x count) of them (at least
+    one), evenly spaced from the first."""
+    keep = min(count, max(1, round(share * count)))
+    return sorted({i * count // keep for i in range(keep)})
+
+
+def partial_checkpointing(share: float):
+    """A callback that, once the Trainer has turned activation checkpointing on for every decoder layer,
+    leaves it on for an evenly spaced `share` of them. The other layers keep their activations: each one
+    skips the second forward pass in the backward pass, for the memory of its activations."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class PartialCheckpointing(TrainerCallback):
+        def __init__(self):
+            self.layers: list[int] = []
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            if not any(layer.gradient_checkpointing for layer in layers):
+                return  # checkpointing is off, or the model has its own (not transformers' layers)
+            self.layers = checkpointed_layers(len(layers), share)
+            keep = set(self.layers)
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = i in keep
+            print(f"activation checkpointing: {len(keep)} of {len(layers)} layers", flush=True)
+
+    return PartialCheckpointing()
 
 
 # --------------------------------------------------------------------------- checkpoints and resume
@@ -229,6 +277,20 @@ def relaunch_distributed(train) -> None:
 def count_real_tokens(dataset) -> int:
     """Non-padding tokens per epoch in a tokenized dataset (what tokens/s is measured in)."""
     return int(sum(len(ids) for ids in dataset["input_ids"]))
+
+
+def final_eval(trainer) -> dict[str, float]:
+    """Validation metrics of the model the run ends with. The trainer's own evaluation at that step is
+    reused where there is one (the best checkpoint's under load_best_model_at_end, else the last step's):
+    same weights, same rows, so a second pass would repeat it to the digit. Otherwise a new pass."""
+    state = trainer.state
+    step = state.global_step
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    for entry in reversed(state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return dict(entry)
+    return trainer.evaluate()
 
 
 def eval_summary(metrics: dict[str, float]) -> dict[str, float]:

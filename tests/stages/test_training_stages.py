@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -210,7 +211,13 @@ def test_logging_integrations_offline_and_no_secret_reaches_a_file(project, monk
     proc = stage(proj, "sft")
     assert (proj / "dvc.yaml").read_text() == dvc_yaml
     assert list((proj / "wandb").glob("offline-run-*")), "no offline wandb run"
-    assert list((proj / "models/sft-checkpoints").rglob("events.out.tfevents.*")), "no TensorBoard events"
+    events = list((proj / "models/sft-checkpoints").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard events"
+    assert not (proj / "runs").exists(), "TensorBoard wrote into the project root"
+    tags = set()
+    for path in events:  # the training steps' losses, not only the final evaluation
+        tags |= {tag for tag in re.findall(rb"train/[a-z_]+", path.read_bytes())}
+    assert b"train/loss" in tags
     assert json.loads((proj / "metrics/sft/loss.json").read_text())  # qatune's own DVC plot files
     assert secret not in proc.stdout + proc.stderr
     for path in proj.rglob("*"):

@@ -176,3 +176,105 @@ def test_fsdp_config_is_accepted_by_the_installed_training_arguments():
 
     args = TrainingArguments(output_dir="/tmp/qatune-fsdp-args", fsdp="", fsdp_config=dict(FSDP_CONFIG))
     assert args.fsdp_config["fsdp_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("count", "share", "expected"),
+    [
+        (4, 1.0, [0, 1, 2, 3]),
+        (30, 0.5, list(range(0, 30, 2))),
+        (30, 1 / 3, list(range(0, 30, 3))),
+        (4, 0.01, [0]),  # at least one layer
+        (5, 0.5, [0, 2]),  # round(2.5) = 2 (banker's rounding), evenly spaced
+    ],
+)
+def test_checkpointed_layers_are_evenly_spaced(count, share, expected):
+    from qatune.training import checkpointed_layers
+
+    assert checkpointed_layers(count, share) == expected
+
+
+def _tiny_lora_llama(layers: int = 4):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(config)
+    return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+
+
+def _grads_and_mlp_calls(model, ids):
+    """LoRA gradients of one backward pass, and how often each layer's MLP was entered (twice = recomputed;
+    a pre-hook, since the recompute stops early once the last saved tensor is back and never returns)."""
+    calls = [0] * len(model.base_model.model.model.layers)
+    hooks = [
+        layer.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        for i, layer in enumerate(model.base_model.model.model.layers)
+    ]
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads, calls
+
+
+def test_partial_checkpointing_recomputes_only_its_layers_and_keeps_the_gradients():
+    """Through transformers' own checkpointing: after the callback, only layers 0 and 2 of 4 run their
+    forward a second time in the backward pass, and the LoRA gradients are those of full checkpointing."""
+    import torch
+
+    from qatune.training import partial_checkpointing
+
+    model = _tiny_lora_llama()
+    model.train()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    full, full_calls = _grads_and_mlp_calls(model, ids)
+    assert full_calls == [2, 2, 2, 2]
+
+    callback = partial_checkpointing(0.5)
+    callback.on_train_begin(None, None, None, model=model)
+    half, half_calls = _grads_and_mlp_calls(model, ids)
+    assert callback.layers == [0, 2] and half_calls == [2, 1, 2, 1]
+    assert full.keys() == half.keys()
+    for name in full:
+        torch.testing.assert_close(half[name], full[name], rtol=1e-5, atol=1e-7)
+
+
+def test_partial_checkpointing_leaves_a_model_without_checkpointing_alone():
+    from qatune.training import partial_checkpointing
+
+    model = _tiny_lora_llama()
+    callback = partial_checkpointing(0.5)
+    callback.on_train_begin(None, None, None, model=model)
+    assert callback.layers == []
+    assert not any(layer.gradient_checkpointing for layer in model.base_model.model.model.layers)
+
+
+def test_partial_checkpointing_is_wired_for_transformers_and_said_not_to_apply_to_unsloth(capsys):
+    from types import SimpleNamespace
+
+    from qatune.training import callbacks
+
+    on = SimpleNamespace(activation_checkpointing=True)
+    cfg = SimpleNamespace(early_stopping_patience=0, load_best_model_at_end=False)
+    half = {"backend": "transformers", "checkpoint_layers": 0.5}
+    assert [type(c).__name__ for c in callbacks(on, cfg, "sft", half)] == ["PartialCheckpointing"]
+    assert callbacks(on, cfg, "sft", {**half, "checkpoint_layers": 1.0}) == []
+    assert callbacks(SimpleNamespace(activation_checkpointing=False), cfg, "sft", half) == []
+    assert capsys.readouterr().out == ""
+    assert callbacks(on, cfg, "sft", {**half, "backend": "unsloth"}) == []
+    assert capsys.readouterr().out.strip() == (
+        "train.checkpoint_layers: 0.5 does not apply to the unsloth backend, which checkpoints every layer its own way"
+    )
