@@ -342,15 +342,21 @@ def differences_table(new: str, old: str, block: dict[str, dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def held_out_split(metrics: dict) -> str:
+    """The split the score stages read (`evaluate.split`): test, or val where a profile has no test split."""
+    return (metrics.get("settings") or {}).get("split", "test")
+
+
 def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
     """The report's first section: is the final model better, where, by how much, and how sure."""
     diffs = metrics.get("differences") or {}
     method, questions = diffs.get("method") or {}, metrics["test_rows"]
+    split = held_out_split(metrics)
     out = ["## Is the tuned model better than the base?", ""]
     if not diffs.get("final_vs_base"):
         return out + ["No per-question scores to compare.", ""]
     out += [
-        f"The final model (SFT + DPO) on the {questions} held-out test questions, against the base and, on "
+        f"The final model (SFT + DPO) on the {questions} held-out {split} questions, against the base and, on "
         "the likelihood of the reference answers only (the SFT model answers no questions), against the "
         "SFT-only model. Each number is the mean per-question difference, final minus the other model, "
         "then [its 95% interval]; how they are computed follows the tables.",
@@ -363,7 +369,7 @@ def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
         if diffs.get(f"{new}_vs_{old}"):
             out += [differences_table(new, old, diffs[f"{new}_vs_{old}"])]
     out += [
-        f"How sure: a paired bootstrap over the test questions. Each measure is taken per question for both "
+        f"How sure: a paired bootstrap over the {split} questions. Each measure is taken per question for both "
         f"models, and the questions are resampled with replacement {method['resamples']:,} times (seed "
         f"{method['seed']}); the interval holds the central {method['level']:.0%} of the resampled mean "
         "differences, and P(final better) is the share of resamples where the final model comes out "
@@ -410,7 +416,7 @@ def render_samples(records: list[dict], samples: int) -> list[str]:
     out = [
         "## Sample answers: where the final model got better, and worse",
         "",
-        f"Picked by one per-question measure, the {label}, final − base: the {gained} test questions where "
+        f"Picked by one per-question measure, the {label}, final − base: the {gained} held-out questions where "
         f"it rose most, then the {len(picked) - gained} where it fell most. One number picks them; read the "
         "answers to judge them.",
         "",
@@ -444,13 +450,14 @@ def render_report(
     """metrics/report.md; `plot_dir`: the plots folder relative to the report, for the opening's plot."""
     models = metrics["models"]
     settings = metrics["settings"]
+    split = held_out_split(metrics).capitalize()
     out = [
         "# qatune evaluation report",
         "",
         *render_opening(metrics, plot_dir),
-        "## Test split: base vs SFT vs final",
+        f"## {split} split: base vs SFT vs final",
         "",
-        f"Test split: {metrics['test_rows']} held-out questions scored, {metrics['generated_rows']} answered by "
+        f"{split} split: {metrics['test_rows']} held-out questions scored, {metrics['generated_rows']} answered by "
         f"the base and the final model (greedy, at most {settings['max_new_tokens']} new tokens). "
         f"git {metrics.get('git_commit') or 'unknown'}. Every number is in `metrics/evaluate.json`; every "
         "answer in `metrics/evaluate/generations.jsonl`.",
@@ -599,7 +606,7 @@ def write_difference_plot(block: dict[str, dict], diffs: dict[str, Any], out_dir
             )
         else:
             ax.set_title(f"{PLOTTED[key]}, final − base", fontsize=10)
-        ax.set_xlabel(f"test questions, sorted ({directions[key]} is better: green)")
+        ax.set_xlabel(f"held-out questions, sorted ({directions[key]} is better: green)")
     axes[0][0].set_ylabel("final − base, per question")
     fig.tight_layout()
     fig.savefig(Path(out_dir) / "per_question.png", dpi=110)

@@ -96,6 +96,16 @@ def test_the_report_opens_with_the_paired_comparison():
     assert "No interval for the corpus answer NLL and perplexity" in opening
 
 
+def test_the_report_names_the_split_it_read():
+    docs = score_docs()
+    for doc in docs.values():
+        doc["settings"] = {**doc["settings"], "split": "val"}  # a profile without a test split (seed 004)
+    _, text = build(docs)
+    assert "## Val split: base vs SFT vs final" in text and "## Test split" not in text
+    assert f"on the {N} held-out val questions" in text and "bootstrap over the val questions" in text
+    assert "test questions" not in text
+
+
 def test_sample_answers_are_the_largest_gains_then_losses_labelled_with_the_change():
     _, text = build(score_docs(), samples=4)
     samples = text[text.index("## Sample answers") : text.index("## Cost")]
