@@ -56,53 +56,52 @@ def run(arm: str, rows_cap: int, params_path: str, sft: str, final: str) -> dict
 
 
 def compare(fp32: dict, bf16: dict, beta: float) -> dict:
-    """Per model: the two arms' NLL and preference accuracy, flips and the largest per-row difference."""
-
-    def nll(scores):
-        return sum(-s["chosen_logp"] for s in scores) / sum(s["chosen_tokens"] for s in scores)
-
-    def prefers(scores):
-        return [
-            s["chosen_logp"] / s["chosen_tokens"] > s["rejected_logp"] / s["rejected_tokens"] for s in scores
-        ]
+    """Per model: the two arms' NLL and preference accuracy (qatune.measures, as the report computes them),
+    the rows whose preference flips and the largest per-row NLL difference; and the DPO implicit reward."""
+    from qatune import measures
 
     out: dict = {}
     for name in fp32["models"]:
         a, b = fp32["models"][name], bf16["models"][name]
-        sa, sb = a["scores"], b["scores"]
+        corpus = {arm: measures.likelihood_metrics(m["scores"]) for arm, m in (("fp32", a), ("bf16", b))}
+        rows = {arm: measures.per_question_likelihood(m["scores"]) for arm, m in (("fp32", a), ("bf16", b))}
         per_row = [
-            abs(x["chosen_logp"] - y["chosen_logp"]) / x["chosen_tokens"] for x, y in zip(sa, sb, strict=True)
+            abs(x - y)
+            for x, y in zip(rows["fp32"]["question_nll"], rows["bf16"]["question_nll"], strict=True)
         ]
+        prefers = {arm: r["preference_accuracy"] for arm, r in rows.items()}
         out[name] = {
             "score_s": {"fp32": a["score_s"], "bf16": b["score_s"]},
             "speedup": round(a["score_s"] / b["score_s"], 2),
-            "answer_nll": {"fp32": round(nll(sa), 4), "bf16": round(nll(sb), 4)},
-            "nll_delta": round(nll(sb) - nll(sa), 4),
-            "preference_accuracy": {
-                "fp32": round(sum(prefers(sa)) / len(sa), 4),
-                "bf16": round(sum(prefers(sb)) / len(sb), 4),
-            },
-            "preference_flips": sum(x != y for x, y in zip(prefers(sa), prefers(sb), strict=True)),
+            "answer_nll": {arm: round(c["nll"], 4) for arm, c in corpus.items()},
+            "nll_delta": round(corpus["bf16"]["nll"] - corpus["fp32"]["nll"], 4),
+            "preference_accuracy": {arm: round(c["preference_accuracy"], 4) for arm, c in corpus.items()},
+            "preference_flips": sum(x != y for x, y in zip(prefers["fp32"], prefers["bf16"], strict=True)),
             "max_row_nll_delta": round(max(per_row), 4),
             "mean_row_nll_delta": round(sum(per_row) / len(per_row), 4),
         }
-    reward = {}
-    for arm, result in (("fp32", fp32), ("bf16", bf16)):
-        margins = reward_margins(result["models"]["final"]["scores"], result["models"]["sft"]["scores"], beta)
-        reward[arm] = margins
+    reward = {
+        arm: measures.implicit_reward(r["models"]["final"]["scores"], r["models"]["sft"]["scores"], beta)
+        for arm, r in (("fp32", fp32), ("bf16", bf16))
+    }
+    signs = {
+        arm: [m > 0 for m in reward_margins(r["models"]["final"]["scores"], r["models"]["sft"]["scores"])]
+        for arm, r in (("fp32", fp32), ("bf16", bf16))
+    }
     out["implicit_reward"] = {
         "beta": beta,
-        "accuracy": {a: round(sum(m > 0 for m in ms) / len(ms), 4) for a, ms in reward.items()},
-        "margin_mean": {a: round(sum(ms) / len(ms), 4) for a, ms in reward.items()},
-        "sign_flips": sum((x > 0) != (y > 0) for x, y in zip(reward["fp32"], reward["bf16"], strict=True)),
+        "accuracy": {arm: round(r["accuracy"], 4) for arm, r in reward.items()},
+        "margin_mean": {arm: round(r["margin_mean"], 4) for arm, r in reward.items()},
+        "sign_flips": sum(x != y for x, y in zip(signs["fp32"], signs["bf16"], strict=True)),
     }
     return out
 
 
-def reward_margins(policy: list[dict], reference: list[dict], beta: float) -> list[float]:
-    """Per pair: beta x ((log p_policy - log p_ref)(chosen) - (log p_policy - log p_ref)(rejected))."""
+def reward_margins(policy: list[dict], reference: list[dict]) -> list[float]:
+    """Per pair, the sign-bearing part of measures.implicit_reward's margin (beta > 0 leaves the sign):
+    (log p_policy - log p_ref)(chosen) - (log p_policy - log p_ref)(rejected)."""
     return [
-        beta * ((p["chosen_logp"] - r["chosen_logp"]) - (p["rejected_logp"] - r["rejected_logp"]))
+        (p["chosen_logp"] - r["chosen_logp"]) - (p["rejected_logp"] - r["rejected_logp"])
         for p, r in zip(policy, reference, strict=True)
     ]
 
