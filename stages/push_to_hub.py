@@ -11,7 +11,9 @@ models/hub/merged (hard links to the weights, fresh adapter_config.json / genera
 README.md) and, with `hub.gguf_repo` set and GGUF files from the export stage, models/hub/gguf (the files
 metrics/export.json verified, the Modelfile, a card with their sizes and agreement). Writes
 metrics/push.json: per repo the files with size and sha256, and what was uploaded.
-Uploads only with `hub.push: true` and a token; then only files whose sha256 differs from the Hub's copy,
+Refuses, in one line, to release a model that metrics/evaluate.json calls worse than its base (more harmful
+requests affirmed or more key facts contradicted) unless `hub.allow_worse_than_base: true`; the cards then
+open with a warning. Uploads only with `hub.push: true` and a token; then only files whose sha256 differs from the Hub's copy,
 and no commit at all when nothing changed. The token is handed to huggingface_hub and never written.
 """
 
@@ -88,6 +90,12 @@ def main(argv: list[str] | None = None) -> None:
         name: hub.read_json(metrics_dir / f"{name}.json")
         for name in ("sft", "dpo", "merge", "evaluate", "export")
     }
+    # harm first: a model the evaluate stage found worse than its base is not released without an override
+    worse = hub.release_verdict(metrics["evaluate"], cfg.allow_worse_than_base)
+    if worse:
+        print(
+            f"push-to-hub: warning: releasing a model worse than its base ({worse}): hub.allow_worse_than_base"
+        )
     prov = card_provenance(args.base, args.adapter, args.lock)
     published = hub.json_text(public_provenance(params, base_id, prov, metrics))
     repos = {"adapter": cfg.adapter_repo, "merged": cfg.merged_repo}
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
                 evaluation=metrics["evaluate"],
                 export=metrics["export"],
                 provenance=prov,
+                worse_than_base=worse,
             )
         )
         written = {**generated[role], "README.md": card, PROVENANCE_FILE: published}

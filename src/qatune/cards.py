@@ -31,6 +31,36 @@ class CardInputs:
     evaluation: dict[str, Any] | None = None
     export: dict[str, Any] | None = None  # metrics/export.json: the GGUF card's files, sizes and agreement
     provenance: dict[str, Any] = field(default_factory=dict)
+    worse_than_base: str | None = (
+        None  # the evaluate stage's reasons, when released under hub.allow_worse_than_base
+    )
+
+
+def safety_warning(inputs: CardInputs) -> str:
+    """At the top of every card of a release the evaluate stage found worse than its base."""
+    if not inputs.worse_than_base:
+        return ""
+    return (
+        "> **Warning: this model is worse than its base model on qatune's safety and fact checks** "
+        f"({inputs.worse_than_base}, on the held-out split). It was published anyway because the release set "
+        "`hub.allow_worse_than_base: true`. Do not use it where its answers could hurt someone.\n"
+    )
+
+
+def safety_verdict(evaluation: dict[str, Any] | None) -> str:
+    """One paragraph: harmful requests affirmed and key facts contradicted, base vs tuned."""
+    v = (evaluation or {}).get("verdict") or {}
+    if not v.get("judged"):
+        return ""
+    harm, contra, stated = v["harmful_affirmed"], v["facts_contradicted"], v["facts_stated"]
+    return (
+        f"**Safety and facts first.** On the held-out split the tuned model affirmed {fmt(harm['final'])} of "
+        f"{fmt(harm['of'])} harmful requests (the base {fmt(harm['base'])}), stated {fmt(stated['final'])} of "
+        f"{fmt(stated['of'])} key facts (the base {fmt(stated['base'])}) and contradicted {fmt(contra['final'])} "
+        f"(the base {fmt(contra['base'])}): "
+        + ("**worse than the base**." if v.get("worse_than_base") else "no more harmful than the base.")
+        + "\n\n"
+    )
 
 
 # --------------------------------------------------------------------------- metadata
@@ -328,7 +358,10 @@ def evaluation_table(evaluation: dict[str, Any] | None, lead: str = "") -> str:
         rows.append("| " + " | ".join(cells) + " |")
     rows_note = evaluation.get("test_rows")
     where = f"on {rows_note} held-out test rows" if is_number(rows_note) else "on the held-out test split"
-    text = f"## Evaluation\n\n{lead}qatune's evaluate stage, {where} (never trained or tuned on).\n\n{header}\n{rule}\n"
+    text = (
+        f"## Evaluation\n\n{safety_verdict(evaluation)}{lead}qatune's evaluate stage, {where} (never trained or "
+        f"tuned on).\n\n{header}\n{rule}\n"
+    )
     text += "\n".join(rows) + "\n"
     reward = evaluation.get("dpo_implicit_reward")
     if isinstance(reward, dict) and any(is_number(v) for v in reward.values()):
@@ -546,6 +579,7 @@ def render_card(inputs: CardInputs) -> str:
         return "\n".join(
             [
                 gguf_metadata(inputs),
+                *([safety_warning(inputs)] if inputs.worse_than_base else []),
                 gguf_intro(inputs),
                 gguf_table(inputs.export),
                 gguf_usage(inputs),
@@ -556,6 +590,7 @@ def render_card(inputs: CardInputs) -> str:
         )
     sections = [
         metadata(inputs),
+        *([safety_warning(inputs)] if inputs.worse_than_base else []),
         intro(inputs),
         usage(inputs),
         training(inputs),

@@ -317,6 +317,11 @@ class HubParams(Strict):
         description="third repo: the export stage's GGUF files and Modelfile; null = no GGUF release",
     )
     private: bool = True
+    allow_worse_than_base: bool = Field(
+        False,
+        description="publish even when the evaluate stage finds the tuned model affirms more harmful requests "
+        "or contradicts more key facts than the base; the model cards then say so at the top",
+    )
     base_model_id: str | None = Field(
         None, description="Hub id of the base written into cards/adapter config; null = from models/base"
     )

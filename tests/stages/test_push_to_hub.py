@@ -506,3 +506,52 @@ def test_no_gguf_release_without_a_repo_or_without_export_files(proj: Path, serv
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert "model-f16.gguf: listed in metrics/export.json but not found" in proc.stderr
     assert GGUF_REPO not in server.repos
+
+
+WORSE = {
+    "worse_than_base": True,
+    "judged": True,
+    "reasons": ["affirms 3 of 10 harmful requests, the base 1"],
+    "harmful_affirmed": {"base": 1, "final": 3, "of": 10},
+    "facts_contradicted": {"base": 4, "final": 4, "of": 40},
+    "facts_stated": {"base": 20, "final": 22, "of": 40},
+}
+
+
+def test_a_model_worse_than_its_base_is_refused_unless_the_override_is_set(proj: Path, server: FakeHub):
+    evaluate = json.loads((proj / "metrics/evaluate.json").read_text())
+    (proj / "metrics/evaluate.json").write_text(json.dumps({**evaluate, "verdict": WORSE}))
+    set_hub(proj, push=True)
+    proc = push(proj, endpoint=server.url, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert (
+        "refusing to release" in proc.stderr and "affirms 3 of 10 harmful requests, the base 1" in proc.stderr
+    )
+    assert "hub.allow_worse_than_base" in proc.stderr
+    assert server.requests == [] and not (proj / "models/hub").exists()  # nothing staged, nothing sent
+
+    set_hub(proj, push=True, allow_worse_than_base=True)
+    proc = push(proj, endpoint=server.url)
+    assert "releasing a model worse than its base" in proc.stdout
+    for role in ("adapter", "merged"):
+        card = (proj / "models/hub" / role / "README.md").read_text()
+        body = card.split("\n---\n", 1)[1]
+        assert body.lstrip().startswith("> **Warning: this model is worse than its base model")
+        assert "affirms 3 of 10 harmful requests, the base 1" in body
+        assert "affirmed 3 of 10 harmful requests (the base 1)" in body and "**worse than the base**" in body
+        assert "README.md" in server.repos[repo_entry(receipt(proj), role)["repo_id"]].files  # uploaded
+
+
+def test_a_model_no_worse_than_its_base_releases_without_a_warning(proj: Path):
+    evaluate = json.loads((proj / "metrics/evaluate.json").read_text())
+    safe = {
+        **WORSE,
+        "worse_than_base": False,
+        "reasons": [],
+        "harmful_affirmed": {"base": 3, "final": 0, "of": 10},
+    }
+    (proj / "metrics/evaluate.json").write_text(json.dumps({**evaluate, "verdict": safe}))
+    push(proj, token=None)
+    card = (proj / "models/hub/merged/README.md").read_text()
+    assert "Warning" not in card and "affirmed 0 of 10 harmful requests (the base 3)" in card
+    assert "no more harmful than the base" in card
