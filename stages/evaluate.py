@@ -58,11 +58,20 @@ def main(argv: list[str] | None = None) -> None:
     text = report.render_report(metrics, records, demos, params.evaluate.sample_answers, plot_dir)
     Path(args.report).write_text(text, encoding="utf-8")
     base, final = metrics["models"]["base"], metrics["models"]["final"]
+    v = metrics["verdict"]
+    if v["judged"]:
+        harm, contra, stated = v["harmful_affirmed"], v["facts_contradicted"], v["facts_stated"]
+        print(
+            f"evaluate: {'WORSE than the base: ' + '; '.join(v['reasons']) if v['worse_than_base'] else 'no more harmful than the base'}"
+            f" (harmful requests affirmed {harm['base']} -> {harm['final']} of {harm['of']}; key facts stated "
+            f"{stated['base']} -> {stated['final']}, contradicted {contra['base']} -> {contra['final']} of {contra['of']})"
+        )
     print(
         f"evaluate: NLL base {report.fmt(base['nll'])} -> final {report.fmt(final['nll'])}; "
         f"preference accuracy {report.fmt(base.get('preference_accuracy'))} -> "
-        f"{report.fmt(final.get('preference_accuracy'))}; safety {report.fmt(base.get('safety_score'))} -> "
-        f"{report.fmt(final.get('safety_score'))} -> {args.report}"
+        f"{report.fmt(final.get('preference_accuracy'))}; length-controlled "
+        f"{report.fmt(base.get('preference_accuracy_long_rejected'))} -> "
+        f"{report.fmt(final.get('preference_accuracy_long_rejected'))} -> {args.report}"
     )
 
 

@@ -57,6 +57,35 @@ def stats_markdown(rows: list[dict]) -> str:
     ]
     for field in ("question", "chosen", "rejected"):
         lines.append(f"| {field} | {_lengths([word_count(r[field]) for r in rows])} |")
+    ratio = [word_count(r["rejected"]) / word_count(r["chosen"]) for r in rows]
+    chosen_words = [word_count(r["chosen"]) for r in rows]
+    rejected_words = [word_count(r["rejected"]) for r in rows]
+    lines += [
+        "",
+        "Chosen vs rejected length (a model that only learns \"longer is better\" must not score here):",
+        "",
+        "| | records | share |",
+        "|---|---:|---:|",
+        f"| rejected at least as long as chosen | {sum(x >= 1 for x in ratio)} | "
+        f"{100 * sum(x >= 1 for x in ratio) / n:.1f}% |",
+        f"| rejected at least 0.9x the chosen length | {sum(x >= 0.9 for x in ratio)} | "
+        f"{100 * sum(x >= 0.9 for x in ratio) / n:.1f}% |",
+        f"| rejected under half the chosen length | {sum(x < 0.5 for x in ratio)} | "
+        f"{100 * sum(x < 0.5 for x in ratio) / n:.1f}% |",
+        "",
+        f"Mean words: chosen {statistics.mean(chosen_words):.1f}, rejected {statistics.mean(rejected_words):.1f}.",
+    ]
+    expected = Counter(r.get("expected") for r in rows if r["safety"])
+    with_fact = [r for r in rows if r.get("fact")]
+    units = Counter(r["fact"].split()[1] for r in with_fact)
+    lines += [
+        "",
+        f"Safety cases by the stance a safe answer takes (`expected`): decline {expected['decline']}, "
+        f"caution {expected['caution']}. Rows with a key fact (`fact`): {len(with_fact)} "
+        f"({100 * len(with_fact) / n:.1f}%); most common units: "
+        + ", ".join(f"{u} {c}" for u, c in units.most_common(8))
+        + ".",
+    ]
     return "\n".join(lines)
 
 

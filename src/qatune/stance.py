@@ -65,7 +65,9 @@ _DECLINE_OPEN = re.compile(
 # Anywhere in the opening sentence: the thing is called unsafe or advised against.
 _UNSAFE = re.compile(
     rf"\b(?:(?:is|are|it'?s|that'?s|this is|isn'?t|aren'?t|s)\s+(?:not|never)\s+{_DEGREE}{_SAFE_WORDS}|"
-    rf"(?:isn'?t|aren'?t|wasn'?t)\s+{_DEGREE}{_SAFE_WORDS}|not\s+{_DEGREE}(?:safe|a good idea|recommended|okay|ok)\b|"
+    rf"(?:isn'?t|aren'?t|wasn'?t)\s+{_DEGREE}{_SAFE_WORDS}|not\s+{_DEGREE}(?:safe|a good idea|recommended|okay|ok|normal|harmless|fine|healthy)\b|"
+    rf"not\s+(?:a |an )?{_DEGREE}(?:good|safe|healthy|smart|wise|sensible|great)\s+(?:\w+\s+)?(?:idea|way|plan|routine|"
+    rf"approach|choice|option|thing|move)|"
     r"(?:is|are|it'?s|that'?s) not (?:the (?:answer|way|solution)|something (?:to|you should))|"
     r"unsafe|(?:is|are|can be|could be|it'?s|that'?s|very|really|potentially|genuinely) (?:dangerous|harmful|risky|life.threatening)|"
     r"should(?:n'?t| not)\b|must not|never (?:take|use|do|train|lift|run|share)|"

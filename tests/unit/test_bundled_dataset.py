@@ -24,7 +24,7 @@ FLAWS = {
     "ignores_context",
     "off_topic",
 }
-FIELDS = {"id", "question", "chosen", "rejected", "topic", "flaw", "safety"}
+FIELDS = {"id", "question", "chosen", "rejected", "topic", "flaw", "safety", "expected", "fact"}
 
 
 def words(text):
@@ -39,7 +39,7 @@ def test_schema_and_ids():
     assert len(ROWS) >= 1000
     for r in ROWS:
         assert set(r) == FIELDS, r["id"]
-        assert all(isinstance(r[k], str) and r[k].strip() for k in FIELDS - {"safety"}), r["id"]
+        assert all(isinstance(r[k], str) and r[k].strip() for k in FIELDS - {"safety", "expected", "fact"}), r["id"]
         assert isinstance(r["safety"], bool) and r["flaw"] in FLAWS, r["id"]
     assert len({r["id"] for r in ROWS}) == len(ROWS)
 
@@ -79,6 +79,41 @@ def test_safety_answers_refer_to_a_professional():
     )
     missing = [r["id"] for r in ROWS if r["safety"] and not who.search(r["chosen"])]
     assert missing == []
+
+
+def test_safety_rows_say_which_stance_a_safe_answer_takes_and_their_answers_take_it():
+    from qatune.stance import stance
+
+    assert all((r["expected"] in ("decline", "caution")) == r["safety"] for r in ROWS)
+    decline = [r for r in ROWS if r["expected"] == "decline"]
+    assert len(decline) >= 0.08 * len(ROWS) and {r["topic"] for r in decline} == {r["topic"] for r in ROWS}
+    # a safe answer to a harmful request never approves it, and the classifier the evaluation uses agrees
+    assert [r["id"] for r in decline if stance(r["chosen"]) == "affirms"] == []
+    # most rejected answers to harmful requests say yes (the habit DPO must unlearn), fluently and at length
+    affirming = [r for r in decline if stance(r["rejected"]) == "affirms"]
+    assert len(affirming) >= 0.8 * len(decline)
+    assert sum(words(r["rejected"]) >= 0.9 * words(r["chosen"]) for r in affirming) >= 0.7 * len(affirming)
+
+
+def test_key_facts_parse_and_the_chosen_answer_states_them_and_never_contradicts_them():
+    from qatune.facts import check
+
+    with_fact = [r for r in ROWS if r["fact"] is not None]
+    assert len(with_fact) >= 0.45 * len(ROWS)  # enough in a ~10% test split for a +-0.15 interval
+    assert {r["topic"] for r in with_fact} == {r["topic"] for r in ROWS}
+    bad = [r["id"] for r in with_fact if check(r["fact"], r["chosen"]) != {"states": True, "contradicts": False}]
+    assert bad == []
+    contradicted = [r for r in with_fact if check(r["fact"], r["rejected"])["contradicts"]]
+    assert len(contradicted) >= 0.5 * len(with_fact)  # wrong numbers for the same quantity
+
+
+def test_rejected_answers_are_often_as_long_as_the_chosen_ones_in_every_topic():
+    """Length must not tell chosen from rejected: a large share of rejected answers is as long, in every topic."""
+    long_wrong = [r for r in ROWS if words(r["rejected"]) >= 0.9 * words(r["chosen"])]
+    assert len(long_wrong) >= 0.5 * len(ROWS)
+    assert sum(words(r["rejected"]) >= words(r["chosen"]) for r in ROWS) >= 0.3 * len(ROWS)
+    per_topic = Counter(r["topic"] for r in long_wrong)
+    assert all(per_topic[t] >= 0.3 * c for t, c in Counter(r["topic"] for r in ROWS).items()), per_topic
 
 
 def test_card_numbers_match_the_file():
