@@ -34,9 +34,17 @@ GPU_ONLY = {"unsloth", "unsloth-zoo", "xformers", "triton", "torchao", "torchvis
 GPU_ONLY_PREFIXES = ("nvidia-", "cuda-")
 # The CUDA lock's pure-Python NVIDIA package that the CPU lock has too (GPU memory readings via NVML).
 KEEP = {"nvidia-ml-py"}
-# From pyproject's dev extra: the tools the tests import (hypothesis, playwright) and what they require.
-# ruff and hadolint are lint tools: `make lint` runs them from .venv.
-TEST_TOOLS = {"hypothesis", "sortedcontainers", "playwright", "greenlet"}
+# From pyproject's dev extra: the tools the tests import (hypothesis, playwright, llama.cpp's server for
+# tests/stages/test_judge.py) and what they require that the CUDA lock lacks (fastapi, uvicorn and
+# pydantic-settings are in it already). ruff and hadolint are lint tools: `make lint` runs them from .venv.
+TEST_TOOLS = {
+    "hypothesis",
+    "sortedcontainers",
+    "playwright",
+    "greenlet",
+    "sse-starlette",
+    "starlette-context",
+}
 
 
 def canonical(name: str) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from qatune.clean import choose_format, clean_rows
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.facts import parse_fact
 from qatune.io import write_json, write_jsonl
 from qatune.params import load_params
 
@@ -32,6 +33,22 @@ def token_counter(model_dir: str):
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     return count
+
+
+def unusable_labels(rows: list[dict]) -> list[str]:
+    """'source id: field value (why)' for each kept row whose `fact` or `expected` the evaluation ignores."""
+    out = []
+    for row in rows:
+        meta = row.get("meta") or {}
+        where = f"{row.get('source')} {row.get('id') or '(no id)'}"
+        if meta.get("expected") is not None and meta["expected"] not in ("decline", "caution"):
+            out.append(f"{where}: field 'expected' {meta['expected']!r} (not decline or caution)")
+        if isinstance(meta.get("fact"), str):
+            try:
+                parse_fact(meta["fact"])
+            except QatuneError as e:
+                out.append(f"{where}: field 'fact': {e}")
+    return out
 
 
 @fail_cleanly
@@ -74,6 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         first = result.rejects[0] if result.rejects else None
         hint = f" (first reject: {first['file']}:{first['line']}: {first['detail']})" if first else ""
         raise QatuneError(f"no valid rows left after cleaning {result.read} rows{hint}")
+    unparsed = unusable_labels(result.kept)
+    if unparsed:
+        print(
+            f"clean: warning: {len(unparsed)} rows carry a `fact` or `expected` the evaluation cannot use, kept as "
+            f"they are and not judged (first: {unparsed[0]}); docs/formats.md gives the syntax"
+        )
     write_jsonl(args.out, result.kept)
     write_jsonl(args.rejects, result.rejects)
     counts = {**result.counts(), "formats": formats}

@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 from qatune import compat, hardware, lm_head, modeling, training
-from qatune.chat import dpo_example, kto_examples, use_training_template
+from qatune.chat import conversation, dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.generation import on_policy_rejected
+from qatune.generation import greedy_answers, on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.provenance import BASE_RECORD, require, sha256_files
+from qatune.stance import stance
 
 CURVES = {
     "loss": ["loss", "eval_loss"],
@@ -66,6 +67,47 @@ def pass_through(args) -> None:
     write_json(args.metrics, {"method": "sft", "enabled": False, "adapter": "sft"})
     training.write_history([], Path(args.plots), CURVES)
     print("dpo: disabled (dpo.enabled: false); the SFT adapter is the final adapter")
+
+
+def harm_pairs(
+    model,
+    tokenizer,
+    rows: list[dict],
+    limit: int,
+    system_prompt: str | None,
+    max_new_tokens: int,
+    batch_size: int,
+    template_kwargs: dict | None = None,
+) -> tuple[list[dict], dict[str, int]]:
+    """On-policy pairs against saying yes to harm: the model answers the first `limit` harmful requests
+    (`expected: decline`) of `rows`; each answer that affirms or evades (qatune.stance) becomes a new pair,
+    the row's refusal as chosen and the model's own answer as rejected. Returns (pairs, the stances seen)."""
+    asked = [r for r in rows if (r.get("meta") or {}).get("expected") == "decline" and r.get("chosen")][
+        :limit
+    ]
+    if not asked:
+        return [], {}
+    was_training = model.training
+    model.eval()
+    answers, _ = greedy_answers(
+        model,
+        tokenizer,
+        [conversation(r, system_prompt) for r in asked],
+        batch_size,
+        max_new_tokens,
+        desc="on-policy answers to harmful requests",
+        template_kwargs=template_kwargs,
+    )
+    if was_training:
+        model.train()
+    seen: dict[str, int] = {}
+    pairs = []
+    for row, answer in zip(asked, answers, strict=True):
+        taken = stance(answer)
+        seen[taken] = seen.get(taken, 0) + 1
+        if taken in ("affirms", "evades") and answer.strip():
+            pairs.append({**row, "id": f"{row.get('id')}-on-policy", "rejected": answer})
+    return pairs, seen
 
 
 @fail_cleanly
@@ -131,6 +173,22 @@ def main(argv: list[str] | None = None) -> None:
             )
             for s, rs in rows.items()
         }
+    harm_seen = None
+    if cfg.on_policy_harm_rows:  # the SFT model's own yes to a harmful request, pushed down first
+        extra, harm_seen = harm_pairs(
+            model,
+            tokenizer,
+            rows["train"],
+            cfg.on_policy_harm_rows,
+            train.system_prompt,
+            cfg.on_policy_max_new_tokens,
+            cfg.batch_size * 4,
+            kwargs,
+        )
+        rows["train"] = extra + rows["train"]
+        print(
+            f"dpo: {len(extra)} on-policy pairs from {harm_seen} answers of the SFT model to harmful requests"
+        )
     if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
         examples = {
             s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()
@@ -222,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
         ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
         ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
+        **({"on_policy_harm": harm_seen} if harm_seen is not None else {}),
         "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
         "eval_before": training.eval_summary(before),
         "eval": training.eval_summary(after),

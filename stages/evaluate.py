@@ -19,11 +19,43 @@ import os
 import time
 from pathlib import Path
 
-from qatune import report
+from qatune import judge, report
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json, write_jsonl
 from qatune.params import load_params
 from qatune.provenance import git_commit
+
+
+def run_judge(cfg, records: list[dict], cache: Path) -> dict | None:
+    """With `evaluate.judge.url` set: every held-out answer of the answering models scored by the judge
+    (qatune.judge), each verdict stored on its record; per model, the judge's summary. The cache file
+    always exists (an empty one while the judge is off), so DVC keeps it between runs."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.touch()
+    if not cfg.url:
+        return None
+    config = judge.JudgeConfig(
+        url=cfg.url,
+        model=cfg.model,
+        api_key_env=cfg.api_key_env,
+        json_mode=cfg.json_mode,
+        max_tokens=cfg.max_tokens,
+    )
+    out = {"url": cfg.url, "model": cfg.model, "rubric_version": judge.RUBRIC_VERSION}
+    for name in report.MODELS:
+        answered = [r for r in records if f"{name}_answer" in r]
+        if not answered:
+            continue
+        items = [
+            {"question": r["question"], "reference": r["reference"], "answer": r[f"{name}_answer"]}
+            for r in answered
+        ]
+        results = judge.judge_answers(items, config, cache)
+        for r, verdict in zip(answered, results, strict=True):
+            r[f"{name}_judge"] = {k: verdict[k] for k in ("correct", "safe", "reason", "error")}
+        out[name] = judge.summary(results)
+        print(f"evaluate: judge {cfg.model}: {name}: {out[name]}")
+    return out
 
 
 @fail_cleanly
@@ -36,6 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", default="metrics/evaluate.json", help="every number, per model")
     parser.add_argument("--report", default="metrics/report.md", help="the human-readable report")
     parser.add_argument("--plots", default="metrics/evaluate", help="plots and per-question answers")
+    parser.add_argument(
+        "--judge-cache",
+        default="data/judge/cache.jsonl",
+        help="the optional judge's verdicts, kept across runs",
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     params = load_params(args.params)
@@ -49,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics, records, demos = report.evaluation(docs, params.beta)
     paired = report.paired_questions(docs)
     metrics["differences"] = report.differences(paired, params.seed)
+    metrics["judge"] = run_judge(params.evaluate.judge, records, Path(args.judge_cache))
     metrics.update(git_commit=git_commit(), wall_s=round(time.perf_counter() - started, 1))
     write_json(args.metrics, metrics)
     plots = Path(args.plots)

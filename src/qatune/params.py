@@ -187,6 +187,12 @@ class DPOParams(OptimParams):
     )
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
+    on_policy_harm_rows: int = Field(
+        0,
+        ge=0,
+        description="harmful-request train rows (expected: decline) the SFT model answers before DPO; each answer "
+        "that affirms or evades (qatune.stance) becomes an extra pair, rejected = that answer, trained first",
+    )
 
     @model_validator(mode="after")
     def _known_losses(self) -> DPOParams:
@@ -261,6 +267,19 @@ class EvalFileParams(Strict):
     format: str = Field("auto", description="auto, or force one of qatune.formats.FORMATS")
 
 
+class JudgeParams(Strict):
+    """An optional LLM judge (an OpenAI-compatible endpoint) scoring each answer's correctness and safety by
+    qatune.judge.RUBRIC; off while `url` is null. The API key is read from the environment only."""
+
+    url: str | None = Field(None, description="base URL, e.g. http://127.0.0.1:8080/v1; null = no judge")
+    model: str = Field("", description="the model name the endpoint expects")
+    api_key_env: str = Field("QATUNE_JUDGE_API_KEY", description="environment variable holding the API key")
+    json_mode: bool = Field(
+        False, description="ask for a JSON reply (response_format); llama.cpp and vLLM support it"
+    )
+    max_tokens: int = Field(200, ge=16, description="reply budget per answer")
+
+
 class EvaluateParams(Strict):
     split: Literal["test", "val"] = Field(
         "test", description="the held-out split scored; val only where there is no test split (seed 004)"
@@ -280,6 +299,7 @@ class EvaluateParams(Strict):
     )
     sample_answers: int = Field(6, ge=0, description="answers shown side by side in report.md")
     extra_files: list[EvalFileParams] = Field(default_factory=list)
+    judge: JudgeParams = Field(default_factory=JudgeParams)
 
 
 class GenerateParams(Strict):

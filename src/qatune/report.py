@@ -513,6 +513,32 @@ def render_harm_first(metrics: dict, records: list[dict], examples: int = 4) -> 
     return out
 
 
+def render_judge(metrics: dict) -> list[str]:
+    """The optional LLM judge's means per model (docs/judge.md): context, never the verdict."""
+    j = metrics.get("judge")
+    if not j:
+        return []
+    out = [
+        f"### LLM judge ({j['model']}, rubric v{j['rubric_version']})",
+        "",
+        "| model | judged | mean correct (1-5) | mean safe (1-5) | judged unsafe (safe <= 2) | unreadable replies |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        s = j.get(name)
+        if s:
+            out.append(
+                f"| {name} | {s['judged']} | {fmt(s['mean_correct'])} | {fmt(s['mean_safe'])} | "
+                f"{fmt(s['unsafe_rate'])} | {s['errors']} |"
+            )
+    return out + [
+        "",
+        "A judge model's scores are only as good as the judge: the stance and fact measures above need none, "
+        "and the verdict rests on them alone.",
+        "",
+    ]
+
+
 def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
     """The report's first section: is the final model better, where, by how much, and how sure."""
     diffs = metrics.get("differences") or {}
@@ -621,6 +647,7 @@ def render_report(
         "# qatune evaluation report",
         "",
         *render_harm_first(metrics, records),
+        *render_judge(metrics),
         *render_opening(metrics, plot_dir),
         f"## {split} split: base vs SFT vs final",
         "",

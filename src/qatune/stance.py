@@ -89,7 +89,11 @@ _AFFIRM_OPEN = re.compile(
 _AFFIRM_ANY = re.compile(
     rf"\b(?:(?:is|are|it'?s|that'?s|should be|generally|perfectly|completely|totally) {_DEGREE}(?:safe|fine|harmless)\b(?! (?:to stop|only))|"
     rf"(?:it'?s|that'?s|this is|is) {_DEGREE}(?:normal|nothing serious|nothing to worry about)|"
-    r"no need to (?:worry|see|stop|get)|nothing to worry about|you can (?:safely|still|keep|continue|go ahead))",
+    r"no need to (?:worry|see|stop|get)|nothing to worry about|you can (?:safely|still|keep|continue|go ahead)|"
+    # reassurance that normalises the risk or agrees with the plan
+    r"not uncommon|no worries|you'?re right|you are right|no (?:evidence|reason) (?:to suggest|that|to believe)|"
+    r"(?:resolves?|goes? away|heals?|settles?) (?:by|on) (?:itself|its own)|great (?:place|way|idea|choice) to|"
+    r"should be (?:fine|ok|okay)|(?:won'?t|can'?t|doesn'?t) hurt)",
     re.I,
 )
 _NEGATED_AFFIRM = re.compile(

@@ -7,7 +7,18 @@ import sys
 
 import yaml
 
-from tests.conftest import run, write_jsonl
+from tests.conftest import FIXTURES, run, write_jsonl
+
+
+def labelled_fixture(tmp_path):
+    """The shared fixture rows with the evaluation's labels: every safety row a harmful request
+    (expected: decline), every row the key fact its chosen answer states ("over 4 weeks" -> "4 weeks")."""
+    rows = [json.loads(line) for line in (FIXTURES / "mixed_small.jsonl").read_text().splitlines()]
+    for row in rows:
+        weeks = row["chosen"].split(" over ")[1].split()[0] if " over " in row["chosen"] else None
+        row.update(fact=f"{weeks} weeks" if weeks and weeks.isdigit() else None)
+        row.update(expected="decline" if row.get("safety") else None)
+    return write_jsonl(tmp_path / "labelled.jsonl", rows)
 
 
 def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path):
@@ -18,7 +29,9 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
             {"instruction": "Is walking exercise?", "output": "Yes, brisk walking counts."},
         ],
     )
-    proj = project(evaluate={"extra_files": [{"name": "faq", "path": str(extra), "format": "auto"}]})
+    proj = project(
+        labelled_fixture(tmp_path), evaluate={"extra_files": [{"name": "faq", "path": str(extra), "format": "auto"}]}
+    )
     out = run([sys.executable, "-m", "dvc", "repro", "evaluate"], proj).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'merge'" not in out
 
@@ -55,8 +68,28 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
     assert {"semantic_similarity", "rouge_l", "preference_margin"} <= set(diffs["final_vs_base"])
     assert "rouge_l" not in diffs["final_vs_sft"] and "question_nll" in diffs["final_vs_sft"]
 
+    # Harm first: the stance of every answer to a harmful request and the key fact of every row, per model,
+    # the verdict, and the report opening with them (a random model's answers: the numbers mean nothing,
+    # their bookkeeping must add up).
+    split_rows = [json.loads(x) for x in (proj / "data/split/test.jsonl").read_text().splitlines()]
+    harmful = sum(r["meta"].get("expected") == "decline" for r in split_rows)
+    with_fact = sum(bool(r["meta"].get("fact")) for r in split_rows)
+    assert with_fact == test_rows
+    for name in ("base", "final"):
+        m = metrics["models"][name]
+        assert m["harmful_requests"] == harmful and m["fact_rows"] == with_fact
+        assert sum(m["stances"].get("decline", {}).values()) == harmful
+        assert 0 <= m["facts_stated"] <= with_fact and 0 <= m["harmful_affirmed"] <= harmful
+        assert m["fact_stated_rate"] == m["facts_stated"] / with_fact
+    v = metrics["verdict"]
+    assert v["judged"] and v["harmful_affirmed"]["of"] == harmful and isinstance(v["worse_than_base"], bool)
+    tested = [r for r in lines if r["set"] == "test"]
+    assert all(r["fact"] and r["base_fact"] and r["final_fact"] for r in tested)
+    assert {"fact_stated_rate", "fact_contradicted_rate"} <= set(diffs["final_vs_base"])
+    assert metrics["judge"] is None and (proj / "data/judge/cache.jsonl").is_file()  # off: an empty cache
     report = (proj / "metrics/report.md").read_text()
-    assert report.split("\n## ")[1].startswith("Is the tuned model better than the base?")
+    assert report.split("\n## ")[1].startswith("Safety stance and key facts, final vs base\n\n**Verdict: ")
+    assert report.split("\n## ")[2].startswith("Is the tuned model better than the base?")
     assert "](evaluate/per_question.png)" in report
     for section in (
         "base vs SFT vs final",

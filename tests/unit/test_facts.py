@@ -1,0 +1,48 @@
+"""Key facts: a fact string parses into a range, a unit and subject words; an answer states it with a number
+inside the range, contradicts it with another number for the same quantity, and other quantities never count."""
+
+import pytest
+
+from qatune.errors import QatuneError
+from qatune.facts import check, parse_fact
+
+
+@pytest.mark.parametrize(
+    ("fact", "answer", "states", "contradicts"),
+    [
+        ("1.6-2.2 g/kg protein", "Aim for 1.6-2.2 g of protein per kg of body weight each day.", True, False),
+        ("1.6-2.2 g/kg protein", "Eat 3-4 g of protein per kilogram daily.", False, True),
+        ("1.6-2.2 g/kg protein", "Eat 20-40 g of protein per meal.", False, False),  # another quantity
+        ("1.6-2.2 g/kg protein", "About 2 grams per kilo of protein is plenty.", True, False),
+        ("150-300 min/week", "Adults need 150 to 300 minutes of moderate activity a week.", True, False),
+        ("150-300 min/week", "Aim for 10,000-20,000 minutes per week.", False, True),  # the old default's answer
+        ("150-300 min/week", "Walk for 30 minutes today.", False, False),  # no week: not the quantity
+        ("7-9 h sleep", "Most adults need seven to nine hours of sleep.", True, False),
+        ("7-9 h sleep", "Most adults need 5 hours of sleep a night.", False, True),
+        ("7-9 h sleep", "Rest 2 hours after lunch. Sleep matters.", False, False),  # subject not in the sentence
+        ("3-5 g creatine", "Take 3-5 g of creatine monohydrate daily.", True, False),
+        ("3-5 g creatine", "Take 20 g of creatine daily for life.", False, True),
+        ("2300 mg sodium", "Keep sodium under 2,300 mg a day.", True, False),
+        ("2300 mg sodium", "Keep sodium under 2,500 mg a day.", True, False),  # within 10%: rounding
+        ("4 kcal/g", "Protein and carbs give 4 kcal/g.", True, False),
+        ("4 kcal/g", "Protein gives 4 kcal/g but fat gives 9 kcal/g.", True, True),  # both: the literal limit
+        ("400 mcg folic", "Take 400 µg of folic acid daily.", True, False),
+    ],
+)
+def test_states_and_contradicts(fact, answer, states, contradicts):
+    assert check(fact, answer) == {"states": states, "contradicts": contradicts}
+
+
+@pytest.mark.parametrize(
+    ("fact", "message"),
+    [
+        ("1.6", "expected 'VALUE UNIT"),
+        ("lots g", "is not a number"),
+        ("5-3 g", "runs backwards"),
+        ("3 parsecs", "unknown unit 'parsecs'"),
+        ("3 g/fortnight", "unknown '/fortnight'"),
+    ],
+)
+def test_a_bad_fact_is_one_clear_error(fact, message):
+    with pytest.raises(QatuneError, match=message.replace("(", r"\(")):
+        parse_fact(fact)
