@@ -5,8 +5,8 @@
 
 The labels are real greedy answers of SmolLM2-135M-Instruct (base) and of tuned qatune models to safety
 questions, each labelled affirms / declines / cautions / evades by a reader who did not see the rules.
-Prints, per group (`dev`: the answers the rules were written against; `held-out`: answers labelled after the
-rules were fixed) and overall: the four-way accuracy, the accuracy of the decision the report's headline rests
+Prints, per group (`dev`: the answers the first rules were written against; `dev-2`: answers labelled after
+them, on which the rules were then revised; `held-out`: answers labelled after the rules were frozen) and overall: the four-way accuracy, the accuracy of the decision the report's headline rests
 on (affirms or not), the recall and precision of "affirms", and the confusion matrix (rows: the reader,
 columns: the classifier). Writes bench/results/stance_accuracy.json.
 """
@@ -32,19 +32,30 @@ def summary(items: list[dict]) -> dict:
     return {
         "answers": len(items),
         "accuracy": round(sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(items), 3),
-        "affirms_vs_not_accuracy": round(sum(a == b for a, b in zip(yes_p, yes_t, strict=True)) / len(items), 3),
+        "affirms_vs_not_accuracy": round(
+            sum(a == b for a, b in zip(yes_p, yes_t, strict=True)) / len(items), 3
+        ),
         "affirms_recall": round(tp / max(sum(yes_t), 1), 3),
         "affirms_precision": round(tp / max(sum(yes_p), 1), 3),
-        "confusion": {t: {p: Counter(zip(truth, predicted, strict=True))[(t, p)] for p in STANCES} for t in STANCES},
+        "confusion": {
+            t: {p: Counter(zip(truth, predicted, strict=True))[(t, p)] for p in STANCES} for t in STANCES
+        },
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--labels", nargs="+", default=[str(ROOT / "tests/fixtures/stance_labels.jsonl")])
     parser.add_argument("--out", default=str(ROOT / "bench/results/stance_accuracy.json"))
     args = parser.parse_args()
-    items = [json.loads(line) for path in args.labels for line in Path(path).read_text().splitlines() if line.strip()]
+    items = [
+        json.loads(line)
+        for path in args.labels
+        for line in Path(path).read_text().splitlines()
+        if line.strip()
+    ]
     groups = sorted({i.get("group", "all") for i in items})
     result = {g: summary([i for i in items if i.get("group", "all") == g]) for g in groups}
     result["overall"] = summary(items)

@@ -80,7 +80,7 @@ def harm_pairs(
     template_kwargs: dict | None = None,
 ) -> tuple[list[dict], dict[str, int]]:
     """On-policy pairs against saying yes to harm: the model answers the first `limit` harmful requests
-    (`expected: decline`) of `rows`; each answer that affirms or evades (qatune.stance) becomes a new pair,
+    (`expected: decline`) of `rows`; each answer that affirms or evades (qatune.stance; an empty one evades) becomes a new pair,
     the row's refusal as chosen and the model's own answer as rejected. Returns (pairs, the stances seen)."""
     asked = [r for r in rows if (r.get("meta") or {}).get("expected") == "decline" and r.get("chosen")][
         :limit
@@ -105,8 +105,10 @@ def harm_pairs(
     for row, answer in zip(asked, answers, strict=True):
         taken = stance(answer)
         seen[taken] = seen.get(taken, 0) + 1
-        if taken in ("affirms", "evades") and answer.strip():
-            pairs.append({**row, "id": f"{row.get('id')}-on-policy", "rejected": answer})
+        if taken in ("affirms", "evades"):  # an empty answer evades too (as in on_policy_rejected)
+            pairs.append(
+                {**row, "id": f"{row.get('id')}-on-policy", "rejected": answer.strip() or "(no answer)"}
+            )
     return pairs, seen
 
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for s, rs in rows.items()
         }
-    harm_seen = None
+    harm_seen, harm_made = None, 0
     if cfg.on_policy_harm_rows:  # the SFT model's own yes to a harmful request, pushed down first
         extra, harm_seen = harm_pairs(
             model,
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.batch_size * 4,
             kwargs,
         )
-        rows["train"] = extra + rows["train"]
+        rows["train"], harm_made = extra + rows["train"], len(extra)
         print(
             f"dpo: {len(extra)} on-policy pairs from {harm_seen} answers of the SFT model to harmful requests"
         )
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
         ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
         ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
-        **({"on_policy_harm": harm_seen} if harm_seen is not None else {}),
+        **({"on_policy_harm": harm_seen, "on_policy_harm_pairs": harm_made} if harm_seen is not None else {}),
         "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
         "eval_before": training.eval_summary(before),
         "eval": training.eval_summary(after),

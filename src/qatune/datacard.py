@@ -34,6 +34,11 @@ def _lengths(values: list[int]) -> str:
     return f"{min(values)} | {q[0]:.0f} | {statistics.median(values):.0f} | {q[-1]:.0f} | {max(values)}"
 
 
+def opens(rows: list[dict], field: str, word: str) -> int:
+    """Rows whose `field` opens with the word `word` ("Yes, ..." / "No, ...")."""
+    return sum(bool(re.match(rf"\W*{word}\b", r[field], re.I)) for r in rows)
+
+
 def stats_markdown(rows: list[dict]) -> str:
     n = len(rows)
     topics, flaws = Counter(r["topic"] for r in rows), Counter(r["flaw"] for r in rows)
@@ -62,7 +67,7 @@ def stats_markdown(rows: list[dict]) -> str:
     rejected_words = [word_count(r["rejected"]) for r in rows]
     lines += [
         "",
-        "Chosen vs rejected length (a model that only learns \"longer is better\" must not score here):",
+        'Chosen vs rejected length (a model that only learns "longer is better" must not score here):',
         "",
         "| | records | share |",
         "|---|---:|---:|",
@@ -74,6 +79,10 @@ def stats_markdown(rows: list[dict]) -> str:
         f"{100 * sum(x < 0.5 for x in ratio) / n:.1f}% |",
         "",
         f"Mean words: chosen {statistics.mean(chosen_words):.1f}, rejected {statistics.mean(rejected_words):.1f}.",
+        "",
+        'Answers opening with a bare yes or no (a model must not learn "no is right, yes is wrong" either): chosen '
+        f"{opens(rows, 'chosen', 'yes')} yes / {opens(rows, 'chosen', 'no')} no, rejected "
+        f"{opens(rows, 'rejected', 'yes')} yes / {opens(rows, 'rejected', 'no')} no.",
     ]
     expected = Counter(r.get("expected") for r in rows if r["safety"])
     with_fact = [r for r in rows if r.get("fact")]

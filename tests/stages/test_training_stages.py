@@ -130,6 +130,46 @@ def test_on_policy_pairs_for_plain_qa_data(project, tmp_path):
     assert proc.returncode == 1 and "no rows with a rejected answer" in proc.stderr.strip().splitlines()[-1]
 
 
+def test_on_policy_harm_pairs_push_down_the_sft_models_own_answers_to_harmful_requests(project, tmp_path):
+    """dpo.on_policy_harm_rows: the SFT model answers the harmful requests (expected: decline) among the train
+    rows; every answer qatune.stance reads as affirming or evading becomes a pair ahead of the data's own. A
+    tiny random model (no SFT here: the policy is the random base) answers gibberish or nothing: it evades, so
+    every answer it gives becomes a pair."""
+    rows = [
+        {
+            "question": f"Can I take my friend's sleeping pills before race number {i}?",
+            "chosen": f"Please don't take pills prescribed to someone else ({i}); ask your GP about sleep.",
+            "rejected": f"Yes, that's fine before race {i}; most people sleep better.",
+            "safety": True,
+            "expected": "decline",
+        }
+        for i in range(12)
+    ] + [
+        {
+            "question": f"How many sets for growth, plan {i}?",
+            "chosen": f"About 10-20 sets a week ({i}).",
+            "rejected": f"Two sets a month ({i}).",
+        }
+        for i in range(18)
+    ]
+    (tmp_path / "harm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proj = project(
+        tmp_path / "harm.jsonl",
+        sft={"enabled": False},
+        dpo={"on_policy_harm_rows": 3, "on_policy_max_new_tokens": 12},
+    )
+    data_stages(proj)
+    stage(proj, "sft")  # disabled: an empty SFT output, the policy starts from the base
+    out = stage(proj, "dpo").stdout
+    metrics = json.loads((proj / "metrics/dpo.json").read_text())
+    seen = metrics["on_policy_harm"]
+    assert sum(seen.values()) == 3  # three harmful requests asked, each answer classified
+    made = metrics["on_policy_harm_pairs"]
+    assert f"dpo: {made} on-policy pairs from {seen}" in out
+    assert made == seen.get("evades", 0) + seen.get("affirms", 0) == 3  # gibberish: never a refusal
+    assert metrics["pairs"] == 8  # max_steps 4 x batch 2: the on-policy pairs first, then the data's
+
+
 def test_killed_sft_resumes_from_its_last_checkpoint(project):
     """A kill mid-run loses nothing: an edit to params no training stage reads keeps the checkpoints, the
     run resumes, and the reported train loss is the mean over all 12 steps, not over the resumed tail."""

@@ -39,7 +39,9 @@ def test_schema_and_ids():
     assert len(ROWS) >= 1000
     for r in ROWS:
         assert set(r) == FIELDS, r["id"]
-        assert all(isinstance(r[k], str) and r[k].strip() for k in FIELDS - {"safety", "expected", "fact"}), r["id"]
+        assert all(isinstance(r[k], str) and r[k].strip() for k in FIELDS - {"safety", "expected", "fact"}), (
+            r["id"]
+        )
         assert isinstance(r["safety"], bool) and r["flaw"] in FLAWS, r["id"]
     assert len({r["id"] for r in ROWS}) == len(ROWS)
 
@@ -101,7 +103,9 @@ def test_key_facts_parse_and_the_chosen_answer_states_them_and_never_contradicts
     with_fact = [r for r in ROWS if r["fact"] is not None]
     assert len(with_fact) >= 0.45 * len(ROWS)  # enough in a ~10% test split for a +-0.15 interval
     assert {r["topic"] for r in with_fact} == {r["topic"] for r in ROWS}
-    bad = [r["id"] for r in with_fact if check(r["fact"], r["chosen"]) != {"states": True, "contradicts": False}]
+    bad = [
+        r["id"] for r in with_fact if check(r["fact"], r["chosen"]) != {"states": True, "contradicts": False}
+    ]
     assert bad == []
     contradicted = [r for r in with_fact if check(r["fact"], r["rejected"])["contradicts"]]
     assert len(contradicted) >= 0.5 * len(with_fact)  # wrong numbers for the same quantity
@@ -114,6 +118,17 @@ def test_rejected_answers_are_often_as_long_as_the_chosen_ones_in_every_topic():
     assert sum(words(r["rejected"]) >= words(r["chosen"]) for r in ROWS) >= 0.3 * len(ROWS)
     per_topic = Counter(r["topic"] for r in long_wrong)
     assert all(per_topic[t] >= 0.3 * c for t, c in Counter(r["topic"] for r in ROWS).items()), per_topic
+
+
+def test_yes_and_no_openings_do_not_tell_chosen_from_rejected():
+    """Harmful requests' refusals open with no and their rejected answers with yes; elsewhere the balance must go
+    the other way often enough that "start with no" is not a shortcut to the chosen answer."""
+    from qatune.datacard import opens
+
+    assert opens(ROWS, "chosen", "yes") >= opens(ROWS, "chosen", "no")
+    assert opens(ROWS, "rejected", "no") >= 0.5 * opens(ROWS, "rejected", "yes")
+    decline = [r for r in ROWS if r["expected"] == "decline"]
+    assert opens(decline, "chosen", "no") <= 0.4 * len(decline)  # refusals in many words, not one
 
 
 def test_card_numbers_match_the_file():
