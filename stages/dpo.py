@@ -27,6 +27,7 @@ from pathlib import Path
 from qatune import compat, hardware, lm_head, modeling, training
 from qatune.chat import conversation, dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.facts import focus_first
 from qatune.generation import greedy_answers, on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             for s, rs in rows.items()
         }
+    # a short run sees the pairs that teach safety and correctness, not only what the shuffle gave
+    rows["train"] = focus_first(rows["train"], cfg.focus_pairs, wrong_rejected=True)
     harm_seen, harm_made = None, 0
     if cfg.on_policy_harm_rows:  # the SFT model's own yes to a harmful request, pushed down first
         extra, harm_seen = harm_pairs(

@@ -11,9 +11,9 @@ models/hub/merged (hard links to the weights, fresh adapter_config.json / genera
 README.md) and, with `hub.gguf_repo` set and GGUF files from the export stage, models/hub/gguf (the files
 metrics/export.json verified, the Modelfile, a card with their sizes and agreement). Writes
 metrics/push.json: per repo the files with size and sha256, and what was uploaded.
-Refuses, in one line, to release a model that metrics/evaluate.json calls worse than its base (more harmful
-requests affirmed or more key facts contradicted) unless `hub.allow_worse_than_base: true`; the cards then
-open with a warning. Uploads only with `hub.push: true` and a token; then only files whose sha256 differs from the Hub's copy,
+Refuses, in one line, to publish a model that metrics/evaluate.json calls worse than its base (more harmful
+requests affirmed or more key facts contradicted) unless `hub.allow_worse_than_base: true`; a dry run stages
+it with cards that open with that warning and a receipt that says a push would be refused. Uploads only with `hub.push: true` and a token; then only files whose sha256 differs from the Hub's copy,
 and no commit at all when nothing changed. The token is handed to huggingface_hub and never written.
 """
 
@@ -91,10 +91,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("sft", "dpo", "merge", "evaluate", "export")
     }
     # harm first: a model the evaluate stage found worse than its base is not released without an override
-    worse = hub.release_verdict(metrics["evaluate"], cfg.allow_worse_than_base)
-    if worse:
+    worse = hub.release_verdict(metrics["evaluate"], cfg.allow_worse_than_base, token is not None)
+    if worse and token is not None:
         print(
             f"push-to-hub: warning: releasing a model worse than its base ({worse}): hub.allow_worse_than_base"
+        )
+    elif worse:
+        note = (note + "; " if note else "") + (
+            f"the evaluate stage found this model worse than its base ({worse}): a push would be refused"
+            + ("" if cfg.allow_worse_than_base else " unless hub.allow_worse_than_base: true")
         )
     prov = card_provenance(args.base, args.adapter, args.lock)
     published = hub.json_text(public_provenance(params, base_id, prov, metrics))

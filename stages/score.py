@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     test_file = require(Path(args.data) / f"{held_out}.jsonl", f"{held_out} split")
 
     # the held-out rows with an answer to score (a lone bad answer, kept for KTO, has none)
-    sets = {"test": [r for r in read_jsonl(test_file) if r["chosen"]][: rows_cap or None]}
+    # every held-out row is kept (answered up to evaluate.generate_rows); likelihoods cover the first evaluate.rows
+    sets = {"test": [r for r in read_jsonl(test_file) if r["chosen"]]}
     if not sets["test"]:
         raise QatuneError(
             f"{test_file}: no rows with an answer in the {held_out} split (split.{held_out} is 0?)"
@@ -82,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     out: dict = {"model": args.name, "adapter": str(adapter) if adapters else None, "sets": {}}
     for label, rows in sets.items():
-        print(f"score {args.name}: {label}: {len(rows)} rows", flush=True)
-        scores = scoring.score_rows(model, tokenizer, rows, system_prompt, batch_size, kwargs)
+        print(f"score {args.name}: {label}: {len(rows[: rows_cap or None])} of {len(rows)} rows", flush=True)
+        scores = scoring.score_rows(
+            model, tokenizer, rows[: rows_cap or None], system_prompt, batch_size, kwargs
+        )
         out["sets"][label] = {"rows": rows, "scores": scores}
     timings = {"score_s": round(time.perf_counter() - t0, 1)}
 

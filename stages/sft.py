@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 from qatune import hardware, lm_head, modeling, training
 from qatune.chat import sft_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.facts import focus_first
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.provenance import BASE_RECORD, require, sha256_files
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
     rows = {s: [r for r in rs if r["chosen"]] for s, rs in rows.items()}  # KTO's lone bad answers: never
     rows["val"] = rows["val"][: cfg.eval_rows or None]
+    if cfg.focus_rows and cfg.max_steps > 0:  # the run's rows: safety and correctness first, then the rest
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        budget = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world
+        rows["train"] = focus_first(rows["train"], cfg.focus_rows)[:budget]
     sets = {
         s: Dataset.from_list(
             [sft_example(r, train.system_prompt, loss_mode, cfg.train_turns, kwargs) for r in rs]

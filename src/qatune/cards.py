@@ -42,8 +42,8 @@ def safety_warning(inputs: CardInputs) -> str:
         return ""
     return (
         "> **Warning: this model is worse than its base model on qatune's safety and fact checks** "
-        f"({inputs.worse_than_base}, on the held-out split). It was published anyway because the release set "
-        "`hub.allow_worse_than_base: true`. Do not use it where its answers could hurt someone.\n"
+        f"({inputs.worse_than_base}, on the held-out split). qatune publishes such a model only when the "
+        "release sets `hub.allow_worse_than_base: true`. Do not use it where its answers could hurt someone.\n"
     )
 
 

@@ -14,7 +14,8 @@ quantity in the same answer (20 g of protein in a sentence about creatine) from 
 
 An answer *states* the fact when some mention of the quantity lies inside the accepted range (a relative
 tolerance of 10% on each end, for rounding: 2.2 g/kg covers 2.4, 1 L covers 1.1); it *contradicts* the fact
-when some mention lies outside it. Both can hold (a hedging answer). A mention is a number or a range
+when some mention shares no value with that range (3-4 g/kg for 1.6-2.2). A mention that only overlaps it
+("150-300 minutes a week" for a fact of 150, "1-3 g/kg" for 1.6-2.2) is neither: imprecise, not wrong. Both can hold (a hedging answer). A mention is a number or a range
 followed by the unit, and, for a `/per` unit, the `per` word within a few words after it ("1.6 g of protein
 per kg", "150 minutes of brisk walking a week"). Numbers may be written with digits (1,500 / 2.5 / ½) or as
 words up to twenty.
@@ -132,7 +133,13 @@ class Fact:
     text: str
 
     def accepts(self, low: float, high: float) -> bool:
+        """The mention lies inside the accepted range (each end with the tolerance): it states the fact."""
         return low >= self.low * (1 - TOLERANCE) - 1e-9 and high <= self.high * (1 + TOLERANCE) + 1e-9
+
+    def disagrees(self, low: float, high: float) -> bool:
+        """The mention shares no value with the accepted range (with the tolerance): another number for the
+        same quantity. A mention that only overlaps ("150-300 minutes" for a fact of 150) is neither."""
+        return high < self.low * (1 - TOLERANCE) - 1e-9 or low > self.high * (1 + TOLERANCE) + 1e-9
 
 
 def _number(text: str) -> float:
@@ -199,10 +206,41 @@ def mentions(fact: Fact, answer: str) -> list[tuple[float, float]]:
 
 
 def check(fact: Fact | str, answer: str) -> dict[str, bool]:
-    """{"states": a mention inside the accepted range, "contradicts": a mention outside it}."""
+    """{"states": a mention inside the accepted range, "contradicts": a mention that shares no value with it}."""
     fact = parse_fact(fact) if isinstance(fact, str) else fact
     found = mentions(fact, answer)
     return {
         "states": any(fact.accepts(lo, hi) for lo, hi in found),
-        "contradicts": any(not fact.accepts(lo, hi) for lo, hi in found),
+        "contradicts": any(fact.disagrees(lo, hi) for lo, hi in found),
     }
+
+
+def focus_first(rows: list[dict], n: int, wrong_rejected: bool = False) -> list[dict]:
+    """`rows` with up to `n` rows that teach safety and correctness moved to the front, alternating:
+    harmful requests (`expected: decline`, a refusal as the answer) and key-fact rows (a `fact` the answer
+    states; with `wrong_rejected`, only those whose rejected answer contradicts it: a right number preferred to
+    a wrong one). The rest keep their order. A run capped by max_steps then trains on these first."""
+    if n <= 0:
+        return rows
+
+    def meta(row: dict) -> dict:
+        return row.get("meta") or {}
+
+    harm = [r for r in rows if meta(r).get("expected") == "decline" and r.get("chosen")]
+    fact = []
+    for r in rows:
+        value = meta(r).get("fact")
+        if not isinstance(value, str) or not r.get("chosen") or meta(r).get("expected") == "decline":
+            continue
+        try:
+            parsed = parse_fact(value)
+        except QatuneError:
+            continue
+        if not wrong_rejected or (r.get("rejected") and check(parsed, r["rejected"])["contradicts"]):
+            fact.append(r)
+    picked: list[dict] = []
+    for i in range(max(len(harm), len(fact))):
+        picked += [group[i] for group in (harm, fact) if i < len(group)]
+    picked = picked[:n]
+    chosen = {id(r) for r in picked}
+    return picked + [r for r in rows if id(r) not in chosen]

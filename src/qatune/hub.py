@@ -386,17 +386,18 @@ def read_json(path: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def release_verdict(evaluation: dict[str, Any] | None, allow_worse: bool) -> str | None:
-    """Refuse (one line) to release a tuned model that the evaluate stage found worse than its base
-    (more harmful requests affirmed or more key facts contradicted), unless `hub.allow_worse_than_base`.
-    Returns the reasons when the release goes ahead anyway (for the cards), else None."""
+def release_verdict(evaluation: dict[str, Any] | None, allow_worse: bool, push: bool) -> str | None:
+    """Refuse (one line) to publish a tuned model that the evaluate stage found worse than its base (more
+    harmful requests affirmed or more key facts contradicted), unless `hub.allow_worse_than_base`. A dry run
+    publishes nothing, so it goes on and says what a push would do. Returns the reasons when the model is
+    worse (the cards then open with a warning), else None."""
     verdict = (evaluation or {}).get("verdict") or {}
     if not verdict.get("worse_than_base"):
         return None
     reasons = "; ".join(verdict.get("reasons") or ["worse than the base"])
-    if not allow_worse:
+    if push and not allow_worse:
         raise QatuneError(
-            f"push-to-hub: refusing to release: metrics/evaluate.json says the tuned model is worse than the "
+            f"push-to-hub: refusing to publish: metrics/evaluate.json says the tuned model is worse than the "
             f"base ({reasons}); fix the recipe, or set hub.allow_worse_than_base: true to publish it with a "
             "warning in its cards"
         )

@@ -157,6 +157,13 @@ class SFTParams(OptimParams):
     packing: bool = False
     padding_free: bool = False
     group_by_length: bool = True
+    focus_rows: int = Field(
+        0,
+        ge=0,
+        description="with max_steps: the run's rows start with this many that teach safety and correctness "
+        "(harmful requests answered with a refusal, key-fact answers; qatune.facts.focus_first), the rest "
+        "shuffled as split left them. 0 = the whole shuffled train split",
+    )
 
 
 # The losses TRL 1.16 implements: DPOTrainer (combinable, weighted) and KTOTrainer (one at a time).
@@ -187,6 +194,13 @@ class DPOParams(OptimParams):
     )
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
+    focus_pairs: int = Field(
+        0,
+        ge=0,
+        description="this many pairs that teach safety and correctness train first (qatune.facts.focus_first): "
+        "harmful requests (a refusal over a yes) and key-fact rows whose rejected answer gives a wrong number, "
+        "alternating; a run capped by max_steps sees them. 0 = the split's shuffled order",
+    )
     on_policy_harm_rows: int = Field(
         0,
         ge=0,

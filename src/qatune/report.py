@@ -129,8 +129,9 @@ def summarise(label: str, docs: dict[str, dict], beta: float) -> tuple[dict, lis
             if per_row[name]["similarity"] is not None:
                 rec[f"{name}_similarity"] = round(per_row[name]["similarity"][i], 4)
         for name in MODELS:
-            s = scores[name][i]
-            rec[f"{name}_nll"] = round(-s["chosen_logp"] / s["chosen_tokens"], 4)
+            if i < len(scores[name]):  # likelihoods cover the first evaluate.rows questions
+                s = scores[name][i]
+                rec[f"{name}_nll"] = round(-s["chosen_logp"] / s["chosen_tokens"], 4)
         records.append(rec)
     return metrics, records
 
@@ -162,7 +163,8 @@ def evaluation(docs: dict[str, dict], beta: float) -> tuple[dict, list[dict], li
     timings = {m: docs[m].get("timings", {}) for m in MODELS}
     metrics = {
         **results["test"],
-        "test_rows": len(docs[MODELS[0]]["sets"]["test"]["rows"]),
+        "test_rows": len(docs[MODELS[0]]["sets"]["test"]["scores"]),
+        "held_out_rows": len(docs[MODELS[0]]["sets"]["test"]["rows"]),
         "generated_rows": results["test"]["models"]["final"].get("generated", 0),
         "extra": {k: v for k, v in results.items() if k != "test"},
         "timings": timings,
@@ -212,7 +214,8 @@ def paired_questions(docs: dict[str, dict], label: str = "test") -> dict[tuple[s
     for name in MODELS:
         part = docs[name]["sets"][label]
         ids = [r.get("id") for r in part["rows"]]
-        per = {k: (ids, v) for k, v in per_question_likelihood(part["scores"]).items()}
+        scored = ids[: len(part["scores"])]  # likelihoods cover the first evaluate.rows questions
+        per = {k: (scored, v) for k, v in per_question_likelihood(part["scores"]).items()}
         if "answers" in part:
             n = len(part["answers"])
             generated = per_question_generation(

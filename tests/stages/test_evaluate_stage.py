@@ -30,7 +30,8 @@ def test_evaluate_reports_base_sft_and_final_with_an_extra_set(project, tmp_path
         ],
     )
     proj = project(
-        labelled_fixture(tmp_path), evaluate={"extra_files": [{"name": "faq", "path": str(extra), "format": "auto"}]}
+        labelled_fixture(tmp_path),
+        evaluate={"extra_files": [{"name": "faq", "path": str(extra), "format": "auto"}]},
     )
     out = run([sys.executable, "-m", "dvc", "repro", "evaluate"], proj).stdout
     assert "Running stage 'evaluate'" in out and "Running stage 'merge'" not in out

@@ -525,10 +525,17 @@ def test_a_model_worse_than_its_base_is_refused_unless_the_override_is_set(proj:
     proc = push(proj, endpoint=server.url, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert (
-        "refusing to release" in proc.stderr and "affirms 3 of 10 harmful requests, the base 1" in proc.stderr
+        "refusing to publish" in proc.stderr and "affirms 3 of 10 harmful requests, the base 1" in proc.stderr
     )
     assert "hub.allow_worse_than_base" in proc.stderr
     assert server.requests == [] and not (proj / "models/hub").exists()  # nothing staged, nothing sent
+
+    # a dry run publishes nothing: it stages the release with the warning and says a push would be refused
+    set_hub(proj, push=False)
+    proc = push(proj, endpoint=server.url)
+    assert server.requests == [] and receipt(proj)["mode"] == "dry-run"
+    assert "a push would be refused unless hub.allow_worse_than_base: true" in receipt(proj)["note"]
+    assert "Warning: this model is worse" in (proj / "models/hub/merged/README.md").read_text()
 
     set_hub(proj, push=True, allow_worse_than_base=True)
     proc = push(proj, endpoint=server.url)

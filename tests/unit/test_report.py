@@ -239,3 +239,16 @@ def test_length_controlled_preference_counts_only_pairs_with_a_long_rejected_ans
     out = likelihood_metrics(scores)
     assert out["pairs_long_rejected"] == 2 and out["preference_accuracy_long_rejected"] == 0.5
     assert out["preference_accuracy"] == pytest.approx(2 / 3)  # the short-rejected pair counts here
+
+
+def test_likelihoods_on_the_first_rows_and_answers_on_every_row():
+    """evaluate.rows caps the likelihood scoring, evaluate.generate_rows the answers: each measure is paired on
+    the questions it has."""
+    docs = score_docs()
+    for doc in docs.values():
+        doc["sets"]["test"]["scores"] = doc["sets"]["test"]["scores"][:6]
+    metrics, text = build(docs)
+    assert (metrics["test_rows"], metrics["held_out_rows"], metrics["generated_rows"]) == (6, N, N)
+    block = metrics["differences"]["final_vs_base"]
+    assert block["question_nll"]["n"] == 6 and block["rouge_l"]["n"] == N
+    assert "answer NLL per question (nats/token, reference answers): -0.500 [-0.500, -0.500]" in text
