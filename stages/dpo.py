@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 from qatune import compat, hardware, lm_head, modeling, training
-from qatune.chat import conversation, dpo_example, kto_examples, use_training_template
+from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.facts import focus_first
-from qatune.generation import greedy_answers, on_policy_rejected
+from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.provenance import BASE_RECORD, require, sha256_files
@@ -83,33 +83,21 @@ def harm_pairs(
     """On-policy pairs against saying yes to harm: the model answers the first `limit` harmful requests
     (`expected: decline`) of `rows`; each answer that affirms or evades (qatune.stance; an empty one evades) becomes a new pair,
     the row's refusal as chosen and the model's own answer as rejected. Returns (pairs, the stances seen)."""
-    asked = [r for r in rows if (r.get("meta") or {}).get("expected") == "decline" and r.get("chosen")][
-        :limit
-    ]
-    if not asked:
-        return [], {}
-    was_training = model.training
-    model.eval()
-    answers, _ = greedy_answers(
-        model,
-        tokenizer,
-        [conversation(r, system_prompt) for r in asked],
-        batch_size,
-        max_new_tokens,
-        desc="on-policy answers to harmful requests",
-        template_kwargs=template_kwargs,
+    asked = [
+        {**r, "rejected": None}  # on_policy_rejected answers the rows without a rejected answer
+        for r in rows
+        if (r.get("meta") or {}).get("expected") == "decline" and r.get("chosen")
+    ][:limit]
+    answered = on_policy_rejected(
+        model, tokenizer, asked, system_prompt, max_new_tokens, batch_size, template_kwargs
     )
-    if was_training:
-        model.train()
     seen: dict[str, int] = {}
     pairs = []
-    for row, answer in zip(asked, answers, strict=True):
-        taken = stance(answer)
+    for row in answered:  # on_policy_rejected writes an empty answer as "(no answer)": it evades
+        taken = "evades" if row["rejected"] == "(no answer)" else stance(row["rejected"])
         seen[taken] = seen.get(taken, 0) + 1
-        if taken in ("affirms", "evades"):  # an empty answer evades too (as in on_policy_rejected)
-            pairs.append(
-                {**row, "id": f"{row.get('id')}-on-policy", "rejected": answer.strip() or "(no answer)"}
-            )
+        if taken in ("affirms", "evades"):
+            pairs.append({**row, "id": f"{row.get('id')}-on-policy"})
     return pairs, seen
 
 
