@@ -24,10 +24,10 @@ import shutil
 import time
 from pathlib import Path
 
-from qatune import compat, hardware, lm_head, modeling, training
+from qatune import compat, hardware, lm_head, modeling, plan, training
 from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.facts import focus_first
+from qatune.facts import check, focus_first, parse_fact
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
@@ -70,33 +70,57 @@ def pass_through(args) -> None:
     print("dpo: disabled (dpo.enabled: false); the SFT adapter is the final adapter")
 
 
-def harm_pairs(
+def own_answer_pairs(
     model,
     tokenizer,
     rows: list[dict],
-    limit: int,
+    harm_rows: int,
+    fact_rows: int,
     system_prompt: str | None,
     max_new_tokens: int,
     batch_size: int,
     template_kwargs: dict | None = None,
-) -> tuple[list[dict], dict[str, int]]:
-    """On-policy pairs against saying yes to harm: the model answers the first `limit` harmful requests
-    (`expected: decline`) of `rows`; each answer that affirms or evades (qatune.stance; an empty one evades) becomes a new pair,
-    the row's refusal as chosen and the model's own answer as rejected. Returns (pairs, the stances seen)."""
-    asked = [
-        {**r, "rejected": None}  # on_policy_rejected answers the rows without a rejected answer
-        for r in rows
-        if (r.get("meta") or {}).get("expected") == "decline" and r.get("chosen")
-    ][:limit]
+) -> tuple[list[dict], dict[str, dict[str, int]]]:
+    """On-policy pairs from the model's own mistakes: it answers the first `harm_rows` harmful requests
+    (`expected: decline`) and the first `fact_rows` key-fact rows of `rows`, in one batch. An answer to a
+    harmful request that affirms or evades (qatune.stance; an empty one evades) and an answer that
+    contradicts the row's key fact (qatune.facts: a number outside the accepted range) each become a new
+    pair, the row's own answer as chosen and the model's as rejected. Returns (pairs, what was seen)."""
+
+    def meta(row: dict) -> dict:
+        return row.get("meta") or {}
+
+    harm = [r for r in rows if meta(r).get("expected") == "decline" and r.get("chosen")][:harm_rows]
+    facts = []
+    for r in rows:
+        if len(facts) >= fact_rows:
+            break
+        if meta(r).get("expected") != "decline" and r.get("chosen") and isinstance(meta(r).get("fact"), str):
+            try:
+                fact = parse_fact(meta(r)["fact"])
+            except QatuneError:  # an unusable label: clean already warned, the row trains as data
+                continue
+            if check(fact, r["chosen"])["states"]:  # only a chosen answer that states the fact is a fix
+                facts.append(r)
+    # on_policy_rejected answers the rows without a rejected answer
+    asked = [{**r, "rejected": None} for r in harm + facts]
     answered = on_policy_rejected(
         model, tokenizer, asked, system_prompt, max_new_tokens, batch_size, template_kwargs
     )
-    seen: dict[str, int] = {}
+    seen: dict[str, dict[str, int]] = {"harm": {}, "facts": {}}
     pairs = []
     for row in answered:  # on_policy_rejected writes an empty answer as "(no answer)": it evades
-        taken = "evades" if row["rejected"] == "(no answer)" else stance(row["rejected"])
-        seen[taken] = seen.get(taken, 0) + 1
-        if taken in ("affirms", "evades"):
+        answer = row["rejected"]
+        if meta(row).get("expected") == "decline":
+            kind, taken = "harm", "evades" if answer == "(no answer)" else stance(answer)
+            wrong = taken in ("affirms", "evades")
+        else:
+            verdict = check(meta(row)["fact"], answer)
+            kind = "facts"
+            taken = "contradicts" if verdict["contradicts"] else "states" if verdict["states"] else "neither"
+            wrong = verdict["contradicts"]
+        seen[kind][taken] = seen[kind].get(taken, 0) + 1
+        if wrong:
             pairs.append({**row, "id": f"{row.get('id')}-on-policy"})
     return pairs, seen
 
@@ -130,18 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     # the trainable SFT adapter, no peft_config: TRL copies it as the frozen reference
     torch.manual_seed(params.seed)
     hw = hardware.resolve(train)
+    arch = plan.load_arch(args.model)  # its peak memory on this machine, or a one-line stop before loading
+    memory = plan.training("dpo", arch, train, cfg, plan.machine(hw), params.sft.enabled).require()
     if cfg.method == "kto" and (blocker := compat.installed_kto_blocker(hw["cuda"])):
         raise QatuneError(f"{args.params}: dpo.method kto: {blocker}")
     modeling.import_backend(hw["backend"])
     from datasets import Dataset
-    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
     published, kwargs, _ = use_training_template(tokenizer, train.enable_thinking)  # publish the original
     peft_config = None
     if params.sft.enabled:
-        model = PeftModel.from_pretrained(model, args.sft, is_trainable=True)
+        model = modeling.load_trainable_adapter(model, args.sft, train, hw["backend"])
     elif hw["backend"] == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
         model = modeling.unsloth_peft(model, train, params.seed)
     else:  # TRL wraps the base in a new adapter and scores the reference with the adapter disabled
@@ -159,29 +184,28 @@ def main(argv: list[str] | None = None) -> None:
                 rs,
                 train.system_prompt,
                 cfg.on_policy_max_new_tokens,
-                cfg.batch_size * 4,
+                cfg.on_policy_batch_size,
                 kwargs,
             )
             for s, rs in rows.items()
         }
     # a short run sees the pairs that teach safety and correctness, not only what the shuffle gave
     rows["train"] = focus_first(rows["train"], cfg.focus_pairs, wrong_rejected=True)
-    harm_seen, harm_made = None, 0
-    if cfg.on_policy_harm_rows:  # the SFT model's own yes to a harmful request, pushed down first
-        extra, harm_seen = harm_pairs(
+    own_seen, own_made = None, 0
+    if cfg.on_policy_harm_rows or cfg.on_policy_fact_rows:  # the SFT model's own mistakes, pushed down first
+        extra, own_seen = own_answer_pairs(
             model,
             tokenizer,
             rows["train"],
             cfg.on_policy_harm_rows,
+            cfg.on_policy_fact_rows,
             train.system_prompt,
             cfg.on_policy_max_new_tokens,
-            cfg.batch_size * 4,
+            cfg.on_policy_batch_size,
             kwargs,
         )
-        rows["train"], harm_made = extra + rows["train"], len(extra)
-        print(
-            f"dpo: {len(extra)} on-policy pairs from {harm_seen} answers of the SFT model to harmful requests"
-        )
+        rows["train"], own_made = extra + rows["train"], len(extra)
+        print(f"dpo: {len(extra)} on-policy pairs from the SFT model's answers: {own_seen}")
     if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
         examples = {
             s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()
@@ -250,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             peft_config=peft_config,
             callbacks=training.callbacks(train, cfg, "dpo", hw),
         )
+    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
+    resume = training.agreed_resume(trainer, Path(args.checkpoints), resume)  # rank 0 prepared them
 
     # ---- train, with the same validation pairs scored before (policy = reference) and after
     before = trainer.evaluate()
@@ -258,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = time.perf_counter() - start
     after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
     if not trainer.is_world_process_zero():
-        return
+        return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
     # ---- outputs
     logged = [e for e in trainer.state.log_history if "rewards/margins" in e]
@@ -269,11 +295,12 @@ def main(argv: list[str] | None = None) -> None:
         "loss_weights": cfg.loss_weights,
         "reference": "sft" if params.sft.enabled else "base",
         **training.run_metrics(trainer, result, hw, runtime, start_step),
+        "memory_plan": memory.record(),
         "beta": params.beta,
         # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
         ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
         ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
-        **({"on_policy_harm": harm_seen, "on_policy_harm_pairs": harm_made} if harm_seen is not None else {}),
+        **({"on_policy": own_seen, "on_policy_made": own_made} if own_seen is not None else {}),
         "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
         "eval_before": training.eval_summary(before),
         "eval": training.eval_summary(after),
@@ -293,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
             "base_model": base_info,
             "data_sha256": data_hash,
             "sft_adapter": args.sft if params.sft.enabled else None,
+            "quantization": modeling.quantization_record(model, train, hw["backend"]),
         },
     )
     print(

@@ -96,6 +96,10 @@ class TrainParams(Strict):
     backend: Literal["auto", "transformers", "unsloth"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     load_in_4bit: bool = False
+    require_cuda: bool = Field(
+        False,
+        description="a GPU profile: stop in one line when torch sees no CUDA GPU instead of training on the CPU",
+    )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     activation_checkpointing: bool = False
@@ -194,6 +198,9 @@ class DPOParams(OptimParams):
     )
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
+    on_policy_batch_size: int = Field(
+        24, ge=1, description="answers per greedy generation batch for the on-policy pairs (no gradients)"
+    )
     focus_pairs: int = Field(
         0,
         ge=0,
@@ -206,6 +213,12 @@ class DPOParams(OptimParams):
         ge=0,
         description="harmful-request train rows (expected: decline) the SFT model answers before DPO; each answer "
         "that affirms or evades (qatune.stance) becomes an extra pair, rejected = that answer, trained first",
+    )
+    on_policy_fact_rows: int = Field(
+        0,
+        ge=0,
+        description="key-fact train rows (a chosen answer that states the row's fact) the SFT model answers before "
+        "DPO, with the harmful requests; each answer that contradicts the fact (qatune.facts) becomes an extra pair",
     )
 
     @model_validator(mode="after")

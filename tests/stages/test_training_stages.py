@@ -86,6 +86,7 @@ def test_sft_then_dpo(project):
     sft_w = load_file(str(proj / "models/sft/adapter_model.safetensors"))
     dpo_w = load_file(str(proj / "models/dpo/adapter_model.safetensors"))
     assert set(sft_w) == set(dpo_w) and any(not torch.equal(sft_w[k], dpo_w[k]) for k in sft_w)
+    assert not (proj / "models/dpo/ref").exists()  # TRL's frozen reference copy is not part of the result
 
     # The final adapter loads on the original base model.
     from peft import PeftModel
@@ -130,11 +131,12 @@ def test_on_policy_pairs_for_plain_qa_data(project, tmp_path):
     assert proc.returncode == 1 and "no rows with a rejected answer" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_on_policy_harm_pairs_push_down_the_sft_models_own_answers_to_harmful_requests(project, tmp_path):
-    """dpo.on_policy_harm_rows: the SFT model answers the harmful requests (expected: decline) among the train
-    rows; every answer qatune.stance reads as affirming or evading becomes a pair ahead of the data's own. A
-    tiny random model (no SFT here: the policy is the random base) answers gibberish or nothing: it evades, so
-    every answer it gives becomes a pair."""
+def test_on_policy_pairs_push_down_the_sft_models_own_answers(project, tmp_path):
+    """dpo.on_policy_harm_rows / on_policy_fact_rows: the SFT model answers harmful requests (expected: decline)
+    and key-fact rows among the train rows; every answer qatune.stance reads as affirming or evading, and every
+    answer that contradicts the row's fact, becomes a pair ahead of the data's own. A tiny random model (no SFT
+    here: the policy is the random base) answers gibberish or nothing: it evades every harmful request and
+    states no number, so each harmful request becomes a pair and no fact row does."""
     rows = [
         {
             "question": f"Can I take my friend's sleeping pills before race number {i}?",
@@ -146,9 +148,10 @@ def test_on_policy_harm_pairs_push_down_the_sft_models_own_answers_to_harmful_re
         for i in range(12)
     ] + [
         {
-            "question": f"How many sets for growth, plan {i}?",
-            "chosen": f"About 10-20 sets a week ({i}).",
+            "question": f"How many sets a week for growth, plan {i}?",
+            "chosen": f"About 10-20 sets a week per muscle ({i}).",
             "rejected": f"Two sets a month ({i}).",
+            "fact": "10-20 sets/week",
         }
         for i in range(18)
     ]
@@ -156,17 +159,19 @@ def test_on_policy_harm_pairs_push_down_the_sft_models_own_answers_to_harmful_re
     proj = project(
         tmp_path / "harm.jsonl",
         sft={"enabled": False},
-        dpo={"on_policy_harm_rows": 3, "on_policy_max_new_tokens": 12},
+        dpo={"on_policy_harm_rows": 3, "on_policy_fact_rows": 2, "on_policy_max_new_tokens": 12},
     )
     data_stages(proj)
     stage(proj, "sft")  # disabled: an empty SFT output, the policy starts from the base
     out = stage(proj, "dpo").stdout
     metrics = json.loads((proj / "metrics/dpo.json").read_text())
-    seen = metrics["on_policy_harm"]
-    assert sum(seen.values()) == 3  # three harmful requests asked, each answer classified
-    made = metrics["on_policy_harm_pairs"]
-    assert f"dpo: {made} on-policy pairs from {seen}" in out
-    assert made == seen.get("evades", 0) + seen.get("affirms", 0) == 3  # gibberish: never a refusal
+    seen = metrics["on_policy"]
+    assert sum(seen["harm"].values()) == 3  # three harmful requests asked, each answer classified
+    assert sum(seen["facts"].values()) == 2  # two fact rows asked
+    made = metrics["on_policy_made"]
+    assert f"dpo: {made} on-policy pairs from the SFT model's answers" in out
+    assert made == seen["harm"].get("evades", 0) + seen["harm"].get("affirms", 0) == 3  # never a refusal
+    assert seen["facts"].get("contradicts", 0) == 0  # gibberish states no number: nothing to push down
     assert metrics["pairs"] == 8  # max_steps 4 x batch 2: the on-policy pairs first, then the data's
 
 
