@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     runtime = time.perf_counter() - start
     after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
     if not trainer.is_world_process_zero():
-        return
+        return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
     # ---- outputs
     real_tokens = training.count_real_tokens(trainer.train_dataset)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qatune.hardware import training_dtype
+from qatune.training import fsdp_launched
 
 
 def import_backend(backend: str) -> None:
@@ -57,14 +58,21 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
     if train.load_in_4bit:  # hardware.check_quantization has already required CUDA
         from transformers import BitsAndBytesConfig
 
+        compute = torch.bfloat16 if hw["precision"] == "bf16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=train.bnb_4bit_quant_type,
             bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=torch.bfloat16 if hw["precision"] == "bf16" else torch.float16,
+            bnb_4bit_compute_dtype=compute,
+            # FSDP shards floating-point parameters only (accelerate 1.15 leaves uint8 Params4bit whole on
+            # every GPU): the packed 4-bit weights stored as the compute dtype shard like the others.
+            **({"bnb_4bit_quant_storage": compute} if fsdp_launched() else {}),
         )
-    if hw["cuda"]:  # straight onto this process's GPU, in the dtype of the mixed precision
+    # Straight onto this process's GPU, in the dtype of the mixed precision; under FSDP a 16-bit base loads
+    # on the CPU (rank 0's weights only) and FSDP moves each rank's shard to its GPU.
+    if hw["cuda"] and not (fsdp_launched() and not train.load_in_4bit):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if hw["cuda"]:
         kwargs.setdefault("dtype", getattr(torch, training_dtype(hw["precision"])))
     else:
         kwargs["dtype"] = torch.float32

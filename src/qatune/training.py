@@ -1,6 +1,6 @@
 """What the sft and dpo stages share around TRL's trainers: the TrainingArguments both pass, callbacks,
-resumable checkpoints and their fingerprint, the torchrun relaunch, logging integrations, and the metrics,
-curves and provenance both write when a run ends.
+resumable checkpoints and their fingerprint, the torchrun / accelerate launch relaunch, logging
+integrations, and the metrics, curves and provenance both write when a run ends.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -240,35 +242,139 @@ def whole_run_loss(
 # --------------------------------------------------------------------------- processes
 
 
-def python_command(module_or_script: str, num_processes: int, args: list[str]) -> list[str]:
-    """The command that runs a stage, under torchrun when more than one process is asked for."""
-    if num_processes <= 1:
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine sits in a run over several machines. Read from the variables torchrun itself reads
+    (PET_NNODES, PET_NODE_RANK, PET_RDZV_ENDPOINT, PET_RDZV_ID, PET_RDZV_BACKEND), not from params.yaml: the
+    node rank differs per machine, and neither it nor the address may change the stage's params or its
+    checkpoints' fingerprint."""
+
+    count: int = 1
+    rank: int = 0
+    endpoint: str | None = None  # host:port of the rendezvous on node 0, the same on every node
+    run_id: str = "qatune"  # the same on every node of one run
+    backend: str = "c10d"  # torchrun's rendezvous for several machines; "static" takes --node-rank as given
+
+
+def nodes_from_env(env: Mapping[str, str]) -> Nodes:
+    """The Nodes the environment asks for; a single machine when PET_NNODES is unset or 1."""
+    try:
+        count, rank = int(env.get("PET_NNODES", "1")), int(env.get("PET_NODE_RANK", "0"))
+    except ValueError:  # torchrun also takes elastic ranges (1:4), which qatune's launchers do not
+        raise QatuneError(
+            f"PET_NNODES={env.get('PET_NNODES')!r} PET_NODE_RANK={env.get('PET_NODE_RANK')!r}: "
+            "qatune needs whole numbers (a fixed number of machines)"
+        ) from None
+    if count <= 1:
+        return Nodes()
+    endpoint = env.get("PET_RDZV_ENDPOINT")
+    if not endpoint or ":" not in endpoint or not 0 <= rank < count:
+        raise QatuneError(
+            f"PET_NNODES={count}: set PET_RDZV_ENDPOINT=host:port (node 0's address, the same on every node) "
+            f"and PET_NODE_RANK to 0..{count - 1} on each machine (now {rank})"
+        )
+    return Nodes(count, rank, endpoint, env.get("PET_RDZV_ID", "qatune"), env.get("PET_RDZV_BACKEND", "c10d"))
+
+
+# accelerate launch's FSDP flags (accelerate 1.15), the choices of FSDP_CONFIG: launched this way, accelerate
+# sets ACCELERATE_USE_FSDP and FSDP_CPU_RAM_EFFICIENT_LOADING before the stage starts, and transformers then
+# loads the base's weights on rank 0 only (the other ranks get placeholders, filled when FSDP shards the
+# model, sync_module_states broadcasting rank 0's). Under plain torchrun every rank loaded the whole model.
+FSDP_LAUNCH = {
+    "--fsdp_version": "2",
+    "--fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "--fsdp_reshard_after_forward": "true",
+    "--fsdp_cpu_ram_efficient_loading": "true",
+    "--fsdp_sync_module_states": "true",
+    "--fsdp_state_dict_type": "FULL_STATE_DICT",  # the adapter is gathered whole on rank 0 to be saved
+    "--fsdp_activation_checkpointing": "false",  # the Trainer's own activation checkpointing applies
+}
+
+
+def python_command(
+    module_or_script: str,
+    num_processes: int,
+    args: list[str],
+    distributed: str = "ddp",
+    nodes: Nodes = Nodes(),
+) -> list[str]:
+    """The command that runs a stage: as it is for one process; DDP under torchrun; FSDP under accelerate
+    launch. `num_processes` is per machine, `nodes` the machines (one unless PET_NNODES says more)."""
+    if num_processes * nodes.count <= 1:
         return [sys.executable, module_or_script, *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={num_processes}",
-        module_or_script,
-        *args,
-    ]
+    if distributed == "fsdp":
+        return accelerate_command(module_or_script, num_processes, args, nodes)
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nodes.count == 1:  # a free port on this machine, nothing to meet
+        cmd += ["--standalone", f"--nproc_per_node={num_processes}"]
+    else:
+        cmd += [
+            f"--nproc_per_node={num_processes}",
+            f"--nnodes={nodes.count}",
+            f"--node-rank={nodes.rank}",
+            f"--rdzv-backend={nodes.backend}",
+            f"--rdzv-endpoint={nodes.endpoint}",
+            f"--rdzv-id={nodes.run_id}",
+        ]
+    return [*cmd, module_or_script, *args]
+
+
+def accelerate_command(script: str, num_processes: int, args: list[str], nodes: Nodes) -> list[str]:
+    """`accelerate launch` with FSDP_LAUNCH (it starts torchrun itself). Its --num_processes counts every
+    machine's processes; several machines meet at node 0's address."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp"]
+    cmd += [f"--num_processes={num_processes * nodes.count}", f"--num_machines={nodes.count}"]
+    if nodes.count == 1:
+        cmd.append("--main_process_port=0")  # a free port, as torchrun --standalone picks
+    else:
+        host, _, port = nodes.endpoint.rpartition(":")
+        cmd += [
+            f"--machine_rank={nodes.rank}",
+            f"--main_process_ip={host}",
+            f"--main_process_port={port}",
+            f"--rdzv_backend={nodes.backend}",
+        ]
+    cmd += [f"{flag}={value}" for flag, value in FSDP_LAUNCH.items()]
+    return [*cmd, script, *args]
+
+
+def fsdp_launched() -> bool:
+    """True in a process accelerate launch started with FSDP (it sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def relaunch_distributed(train) -> None:
-    """Re-run this script under torchrun when `train.num_processes` asks for several processes (and we are
-    not one yet); FSDP without GPUs is refused here, before any process starts."""
+    """Re-run this script under torchrun (ddp) or accelerate launch (fsdp) when `train.num_processes` or
+    PET_NNODES asks for several processes (and we are not one yet); FSDP without GPUs is refused here,
+    before any process starts. In a process FSDP started, the process group opens now, before the model
+    loads: transformers loads the weights on rank 0 only when it is already open."""
+    if "LOCAL_RANK" in os.environ:
+        if train.distributed == "fsdp" and fsdp_launched():
+            from accelerate import PartialState
+
+            PartialState()
+        return
+    nodes = nodes_from_env(os.environ)
     num_processes = train.num_processes
-    if num_processes <= 1 or "LOCAL_RANK" in os.environ:
+    if num_processes * nodes.count <= 1:
         return
     if train.distributed == "fsdp":
         import torch
 
-        distributed_args("fsdp", torch.cuda.is_available(), num_processes)
+        distributed_args("fsdp", torch.cuda.is_available(), num_processes * nodes.count)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = python_command(sys.argv[0], num_processes, sys.argv[1:])
-    print(f"qatune: launching {num_processes} processes: {' '.join(cmd)}", flush=True)
+    cmd = python_command(sys.argv[0], num_processes, sys.argv[1:], train.distributed, nodes)
+    total = num_processes * nodes.count
+    where = f" ({num_processes} on node {nodes.rank} of {nodes.count})" if nodes.count > 1 else ""
+    print(f"qatune: launching {total} processes{where}: {' '.join(cmd)}", flush=True)
     raise SystemExit(subprocess.call(cmd, env=env))
+
+
+def save_on_every_rank(trainer, out: Path) -> None:
+    """What a rank other than 0 does when the run ends: under FSDP it takes part in gathering the adapter
+    (FULL_STATE_DICT is a collective; rank 0 writes it in save_run), otherwise nothing."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trainer.save_model(str(out))
 
 
 # --------------------------------------------------------------------------- results
@@ -320,6 +426,7 @@ def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step:
         ),
         "train_runtime_s": round(runtime, 1),
         "resumed_from_step": start_step,
+        "world_size": trainer.args.world_size,  # processes that trained, over every machine
         "best_eval_loss": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
     }
