@@ -30,7 +30,9 @@ OUT = ROOT / "docker" / "requirements-cuda-stack.txt"
 
 # Installed by the CUDA image for the GPU only: unsloth (needs CUDA to import), its kernels and the CUDA torch's
 # companions (torchvision is built against torch 2.14.1), and the nvidia-*/cuda-* runtime libraries.
-GPU_ONLY = {"unsloth", "unsloth-zoo", "xformers", "triton", "torchao", "torchvision", "cut-cross-entropy"}
+# unsloth_zoo stays in the list: with UNSLOTH_ZOO_DISABLE_GPU_INIT=1 it imports on a CPU (triton stubbed) and
+# tests/unit/test_unsloth_zoo_prep.py runs its dataset preparation; the packages named here are not needed.
+GPU_ONLY = {"unsloth", "xformers", "triton", "torchao", "torchvision", "cut-cross-entropy"}
 GPU_ONLY_PREFIXES = ("nvidia-", "cuda-")
 # The CUDA lock's pure-Python NVIDIA package that the CPU lock has too (GPU memory readings via NVML).
 KEEP = {"nvidia-ml-py"}
