@@ -8,6 +8,7 @@ CUDA-only paths (Unsloth, 4-bit bitsandbytes) are only ever selected, and import
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,18 @@ def unsloth_importable() -> bool:
 def probe() -> dict[str, Any]:
     """What this machine has: CUDA (and bf16 on it), bf16 on the CPU, the device name, torch threads."""
     import torch
+def cuda_has_bf16(capability: tuple[int, int]) -> bool:
+    """bf16 in hardware: Ampere (compute capability 8.0) and newer. torch 2.14's is_bf16_supported() also says
+    True on Turing and Volta (T4, V100, RTX 20xx) because it counts emulation, which is slow there, and
+    Unsloth, deciding from the capability, then refuses bf16 on the float16 model it loaded."""
+    return capability >= (8, 0)
+
+
 
     cuda = torch.cuda.is_available()
     return {
         "cuda": cuda,
-        "cuda_bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "cuda_bf16": bool(cuda and cuda_has_bf16(tuple(torch.cuda.get_device_capability(0)))),
         "cpu_bf16": cpu_has_bf16(),
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "threads": torch.get_num_threads(),
@@ -169,11 +177,60 @@ def select_checkpoint_layers(requested: float | str, precision: str, cuda: bool)
 
 def resolve(train) -> dict[str, Any]:
     """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
-    checkpointed layers."""
+    checkpointed layers. A single process is pinned to one GPU first, before anything starts CUDA."""
+    pin_one_gpu(train.num_processes)
+def check_cuda_required(require_cuda: bool, cuda_available: bool) -> None:
+    """A GPU profile (`train.require_cuda`) stops here rather than train for days on the CPU: a CUDA 13 image on
+    an older driver or an unsupported card sees no GPU, and every non-4-bit choice would fall back silently."""
+    if require_cuda and not cuda_available:
+        raise QatuneError(
+            "train.require_cuda: this profile trains on a CUDA GPU and torch sees none (check nvidia-smi, "
+            "the driver (CUDA 13 needs >= 580) and the container's GPU flags); set it false to train on the CPU"
+        )
+
+
+def one_gpu_visible(visible: str | None, gpu_count: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES that leaves one process one GPU, or None when it already has at most one.
+
+    Trainer wraps a model in nn.DataParallel when one process sees several GPUs, and TRL 1.15/1.16 refuse
+    that (`args.n_gpu > 1`), so a single process gets the first GPU it would otherwise see. `visible` is
+    the current CUDA_VISIBLE_DEVICES (indices, UUIDs or MIG ids), `gpu_count` the GPUs seen without it."""
+    if visible is not None:
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        return entries[0] if len(entries) > 1 else None
+    return "0" if gpu_count > 1 else None
+
+
+def nvml_gpu_count() -> int:
+    """GPUs on this machine, counted through NVML, which does not start CUDA: CUDA reads
+    CUDA_VISIBLE_DEVICES once, when it starts, so it must still be unstarted when that is set."""
+    import torch
+
+    count = getattr(torch.cuda, "_device_count_nvml", lambda: -1)()  # -1: no NVML (no driver)
+    return max(count, 0)
+
+
+def pin_one_gpu(num_processes: int) -> None:
+    """One training process on a machine with several GPUs trains on the first (see one_gpu_visible);
+    processes that torchrun or accelerate started (WORLD_SIZE) keep their own GPU each."""
+    if num_processes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    pinned = one_gpu_visible(visible, 0 if visible is not None else nvml_gpu_count())
+    if pinned is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = pinned
+        print(
+            f"qatune: train.num_processes is 1: training on GPU {pinned} only "
+            "(set train.num_processes to the number of GPUs to train on all of them)",
+            flush=True,
+        )
+
+
     hw = probe()
     check_quantization(train.load_in_4bit, hw["cuda"])
     backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
     precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
+    check_cuda_required(train.require_cuda, hw["cuda"])
     head = select_lm_head(train.lm_head, hw["cuda"], backend)
     share = select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
     return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}

@@ -73,6 +73,7 @@ def cuts(data: dict, model_dir: Path, data_dir: Path) -> dict[str, object]:
         sources.append(local)
     out["fetch.sources"] = sources
     out |= {"train.load_in_4bit": False, "train.backend": "transformers", "train.precision": "fp32"}
+    out["train.require_cuda"] = False  # the GPU profiles stop without CUDA; this runs them on the CPU
     for block in ("sft", "dpo"):
         out |= {f"{block}.{key}": value for key, value in STEP_CUTS.items()}
     out["clean.max_length"] = 384
