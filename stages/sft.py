@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # ---- train, with the same validation rows scored before and after
+    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
+    resume = training.agreed_resume(trainer, Path(args.checkpoints), resume)  # rank 0 prepared them
     before = trainer.evaluate()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -160,7 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         plots=Path(args.plots),
         curves=CURVES,
         chat_template=published,
-        provenance={"stage": "sft", "params": blocks, "base_model": base_info, "data_sha256": data_hash},
+        provenance={
+            "stage": "sft",
+            "params": blocks,
+            "base_model": base_info,
+            "data_sha256": data_hash,
+            "quantization": modeling.quantization_record(model, train, hw["backend"]),
+        },
     )
     print(
         f"sft: train loss {metrics['train_loss']}, val loss {metrics['eval_before']['loss']:.4f} -> "

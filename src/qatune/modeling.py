@@ -49,8 +49,11 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
             load_in_4bit=train.load_in_4bit,
             dtype=None,
             trust_remote_code=train.trust_remote_code,
+        # No device_map: under torchrun Unsloth 2026.10.7 puts each rank on its own GPU itself, 16-bit and
+        # 4-bit alike (models/loader.py 1189-1195, loader_utils.prepare_device_map).
+
         )
-        return model, tokenizer
+        return model, ensure_pad_token(tokenizer)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,10 +89,21 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer
+
+
+def unsloth_checkpointing(train) -> str | bool:
+    """Unsloth's activation checkpointing (its own offloading variant) when `train` asks for it."""
+    return "unsloth" if train.activation_checkpointing else False
 
 
 def unsloth_peft(model, train, seed: int):
+    return model, ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Batches need a pad token and some tokenizers have none (Mistral's): pad with the end-of-sequence
+    token, which the attention mask and the -100 labels keep out of every loss and answer."""
     from unsloth import FastLanguageModel
 
     lora = train.lora
@@ -100,7 +114,7 @@ def unsloth_peft(model, train, seed: int):
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         bias=lora.bias,
-        use_gradient_checkpointing="unsloth" if train.activation_checkpointing else False,
+        use_gradient_checkpointing=unsloth_checkpointing(train),
         random_state=seed,
     )
 
@@ -111,6 +125,45 @@ def is_adapter(folder: str | Path) -> bool:
 
 def load_with_adapters(
     model_dir: str | Path,
+def load_trainable_adapter(model, folder: str | Path, train, backend: str):
+    """`model` with the LoRA adapter in `folder` on top, trainable (the dpo stage's SFT adapter).
+
+    peft loads it on both backends, as Unsloth's own FastLanguageModel.from_pretrained does for an adapter
+    folder (unsloth 2026.10.7, models/loader.py: PeftModel.from_pretrained(..., is_trainable=True), then
+    patch_peft_model). On the unsloth backend patch_peft_model then swaps in Unsloth's LoRA kernels and its
+    activation checkpointing, which plain peft loading leaves out (slower, more memory)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model = FastLanguageModel.patch_peft_model(
+            model, use_gradient_checkpointing=unsloth_checkpointing(train)
+        )
+    return model
+
+
+# The BitsAndBytesConfig fields that say how the base's weights were quantised.
+BNB_FIELDS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+
+
+def quantization_record(model, train, backend: str) -> dict[str, Any] | None:
+    """For the provenance: the 4-bit settings the loaded weights carry (model.config.quantization_config),
+    and on the unsloth backend which `train` keys did not apply. Unsloth 2026.10.7 builds its own
+    BitsAndBytesConfig (nf4, double quantisation, compute dtype of the model; models/llama.py) and qatune
+    passes it none, so train.bnb_4bit_quant_type and bnb_4bit_use_double_quant only reach the transformers
+    backend. None when the base is not quantised."""
+    if not train.load_in_4bit:
+        return None
+    config = getattr(model.config, "quantization_config", None)
+    applied = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
+    record: dict[str, Any] = {"applied": {k: str(applied[k]) for k in BNB_FIELDS if k in applied}}
+    if backend == "unsloth":
+        record["not_applied"] = ["train.bnb_4bit_quant_type", "train.bnb_4bit_use_double_quant"]
+    return record
+
+
     adapters: Sequence[tuple[str, str | Path]] = (),
     dtype: str = "float32",
     device: str = "cpu",
@@ -139,5 +192,6 @@ def load_with_adapters(
 
             model = PeftModel.from_pretrained(model, folder, adapter_name=name)
         else:
+    ensure_pad_token(tokenizer)  # a base's own tokenizer may have none (Mistral); generation pads
             model.load_adapter(folder, adapter_name=name)
     return model.to(device).eval(), tokenizer

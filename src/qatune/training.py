@@ -176,6 +176,24 @@ def partial_checkpointing(share: float):
     return PartialCheckpointing()
 
 
+def trainable_to_float32(model) -> int:
+    """Cast every trainable parameter to float32; returns how many were not.
+
+    TRL 1.15 and 1.16 cast the LoRA weights of a quantised model to bf16 in the SFT, DPO and KTO trainers'
+    __init__ (trl/trainer/sft_trainer.py 877-880 in 1.15), whatever the precision: with fp16 the GradScaler
+    then fails at the first step (no bf16 unscale kernel), and under bf16 updates of lr x grad below bf16's
+    step at the weight (~6e-5 at 0.01) are lost. Mixed precision keeps the trainable weights in float32 and
+    computes in 16 bits. Call it after the trainer is built and before train() creates the optimiser."""
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 # --------------------------------------------------------------------------- checkpoints and resume
 
 
@@ -187,8 +205,18 @@ def fingerprint(params_blocks: dict[str, Any], *inputs: str) -> str:
     return json.dumps({"params": params_blocks, "inputs": inputs, "code": code_digest()}, sort_keys=True)
 
 
+def world_rank() -> int:
+    """This process's rank among all of the run's processes (torchrun and accelerate set RANK); 0 alone."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def prepare_checkpoints(folder: Path, stamp_text: str) -> bool:
-    """Keep checkpoints only if they belong to this exact run; True when there is one to resume from."""
+    """Keep checkpoints only if they belong to this exact run; True when there is one to resume from.
+
+    Only rank 0 changes the folder (every rank removing and recreating it at once races); the others
+    return False here and learn the answer from agreed_resume once the trainer exists."""
+    if world_rank() != 0:
+        return False
     stamp = folder / FINGERPRINT
     if folder.exists() and (not stamp.is_file() or stamp.read_text().strip() != stamp_text.strip()):
         shutil.rmtree(folder)
@@ -202,6 +230,14 @@ def prepare_checkpoints(folder: Path, stamp_text: str) -> bool:
             print(f"qatune: {checkpoint}: incomplete checkpoint (killed while saving), removed", flush=True)
             shutil.rmtree(checkpoint)
     return complete
+
+
+def agreed_resume(trainer, folder: Path, prepared: bool) -> bool:
+    """Whether this rank resumes, the same on every rank: all wait until rank 0 has prepared the folder
+    (prepare_checkpoints ran before the trainer, whose process group this barrier uses), then the other
+    ranks read what it left."""
+    trainer.accelerator.wait_for_everyone()
+    return prepared if world_rank() == 0 else resume_step(folder) > 0
 
 
 def checkpoint_complete(checkpoint: Path) -> bool:
@@ -457,6 +493,20 @@ def write_history(log_history: list[dict], plots_dir: Path, keys: dict[str, list
         writer.writerows(log_history)
 
 
+def drop_other_adapters(model, out: Path) -> list[str]:
+    """Remove the folders peft's save_pretrained writes for adapters other than the trained one: the dpo
+    stage's `ref/`, TRL's frozen copy of the SFT adapter used as the reference, is not part of the result
+    (merge, score and the Hub release read the top-level adapter). Returns the names removed."""
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", None)
+    removed = []
+    for name in configs:
+        if name != active and (out / name / "adapter_config.json").is_file():
+            shutil.rmtree(out / name)
+            removed.append(name)
+    return removed
+
+
 def save_run(
     trainer,
     tokenizer,
@@ -475,6 +525,7 @@ def save_run(
     from qatune.io import write_json
 
     trainer.save_model(str(out))
+    drop_other_adapters(trainer.model, out)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out)
     metrics.update(peak_memory_gb())
