@@ -133,9 +133,11 @@ bench: setup
 bench-pipeline: setup
 	bash bench/pipeline.sh
 
-# The GPU workstation path on one CUDA GPU, offline, in minutes (bench/gpu_check.py): every model-loading
-# stage on the bundled model with tiny budgets, Unsloth + 4-bit, one chat answer; writes
-# bench/results/gpu_check.json. Needs the CUDA stack: `make docker-gpu-check` runs it in the CUDA image,
+# The GPU workstation path, offline, in minutes (bench/gpu_check.py): on the bundled model with tiny budgets,
+# every model-loading stage (Unsloth + 4-bit when installed), the DPO step-0 margin, the fused-head log-prob
+# check, one chat answer; seed 003's shape (transformers 4-bit fp16) and seed 000's (DPO from the base); DDP and
+# FSDP on 2 GPUs where present. Writes bench/results/gpu_check.json: pass, fail or skip with a reason per check.
+# Needs the CUDA stack: `make docker-gpu-check` runs it in the CUDA image,
 # `make gpu-check GPU_PYTHON=/path/to/python` in an environment with `pip install '.[cuda]'`.
 .PHONY: gpu-check docker-gpu-check
 GPU_PYTHON ?= $(BIN)/python
