@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{data / 'train.jsonl'}: no training rows left after tokenising (every answer was cut off "
             f"by sft.max_length={cfg.max_length}); raise sft.max_length"
         )
-
-    # ---- train, with the same validation rows scored before and after
     training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
     resume = training.agreed_resume(trainer, Path(args.checkpoints), resume)  # rank 0 prepared them
+
+    # ---- train, with the same validation rows scored before and after
     before = trainer.evaluate()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if resume else None)

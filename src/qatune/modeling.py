@@ -13,7 +13,6 @@ from typing import Any
 from qatune.hardware import training_dtype
 from qatune.training import fsdp_launched
 
-
 def import_backend(backend: str) -> None:
     """Import Unsloth when it trains: it patches transformers, TRL and peft, so it must come first.
 
@@ -43,15 +42,15 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
     if hw["backend"] == "unsloth":  # CUDA only: imported here and nowhere else
         from unsloth import FastLanguageModel
 
+        # No device_map: under torchrun Unsloth 2026.10.7 puts each rank on its own GPU itself, 16-bit and
+        # 4-bit alike (models/loader.py 1189-1195, loader_utils.prepare_device_map).
+
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=model_dir,
             max_seq_length=max_length,
             load_in_4bit=train.load_in_4bit,
             dtype=None,
             trust_remote_code=train.trust_remote_code,
-        # No device_map: under torchrun Unsloth 2026.10.7 puts each rank on its own GPU itself, 16-bit and
-        # 4-bit alike (models/loader.py 1189-1195, loader_utils.prepare_device_map).
-
         )
         return model, ensure_pad_token(tokenizer)
     import torch
@@ -87,6 +86,12 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.activation_checkpointing
         )
+    return model, ensure_pad_token(tokenizer)
+
+
+def ensure_pad_token(tokenizer):
+    """Batches need a pad token and some tokenizers have none (Mistral's): pad with the end-of-sequence
+    token, which the attention mask and the -100 labels keep out of every loss and answer."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -98,12 +103,6 @@ def unsloth_checkpointing(train) -> str | bool:
 
 
 def unsloth_peft(model, train, seed: int):
-    return model, ensure_pad_token(tokenizer)
-
-
-def ensure_pad_token(tokenizer):
-    """Batches need a pad token and some tokenizers have none (Mistral's): pad with the end-of-sequence
-    token, which the attention mask and the -100 labels keep out of every loss and answer."""
     from unsloth import FastLanguageModel
 
     lora = train.lora
@@ -119,12 +118,6 @@ def ensure_pad_token(tokenizer):
     )
 
 
-def is_adapter(folder: str | Path) -> bool:
-    return (Path(folder) / "adapter_config.json").is_file()
-
-
-def load_with_adapters(
-    model_dir: str | Path,
 def load_trainable_adapter(model, folder: str | Path, train, backend: str):
     """`model` with the LoRA adapter in `folder` on top, trainable (the dpo stage's SFT adapter).
 
@@ -164,6 +157,12 @@ def quantization_record(model, train, backend: str) -> dict[str, Any] | None:
     return record
 
 
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_with_adapters(
+    model_dir: str | Path,
     adapters: Sequence[tuple[str, str | Path]] = (),
     dtype: str = "float32",
     device: str = "cpu",
@@ -186,12 +185,12 @@ def quantization_record(model, train, backend: str) -> dict[str, Any] | None:
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    ensure_pad_token(tokenizer)  # a base's own tokenizer may have none (Mistral); generation pads
     for i, (name, folder) in enumerate(adapters):
         if i == 0:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, folder, adapter_name=name)
         else:
-    ensure_pad_token(tokenizer)  # a base's own tokenizer may have none (Mistral); generation pads
             model.load_adapter(folder, adapter_name=name)
     return model.to(device).eval(), tokenizer
