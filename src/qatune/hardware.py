@@ -139,9 +139,6 @@ def unsloth_importable() -> bool:
     return importlib.util.find_spec("unsloth") is not None
 
 
-def probe() -> dict[str, Any]:
-    """What this machine has: CUDA (and bf16 on it), bf16 on the CPU, the device name, torch threads."""
-    import torch
 def cuda_has_bf16(capability: tuple[int, int]) -> bool:
     """bf16 in hardware: Ampere (compute capability 8.0) and newer. torch 2.14's is_bf16_supported() also says
     True on Turing and Volta (T4, V100, RTX 20xx) because it counts emulation, which is slow there, and
@@ -149,6 +146,9 @@ def cuda_has_bf16(capability: tuple[int, int]) -> bool:
     return capability >= (8, 0)
 
 
+def probe() -> dict[str, Any]:
+    """What this machine has: CUDA (and bf16 on it), bf16 on the CPU, the device name, torch threads."""
+    import torch
 
     cuda = torch.cuda.is_available()
     return {
@@ -175,10 +175,6 @@ def select_checkpoint_layers(requested: float | str, precision: str, cuda: bool)
     return CPU_BF16_CHECKPOINT_SHARE if not cuda and precision == "bf16" else 1.0
 
 
-def resolve(train) -> dict[str, Any]:
-    """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
-    checkpointed layers. A single process is pinned to one GPU first, before anything starts CUDA."""
-    pin_one_gpu(train.num_processes)
 def check_cuda_required(require_cuda: bool, cuda_available: bool) -> None:
     """A GPU profile (`train.require_cuda`) stops here rather than train for days on the CPU: a CUDA 13 image on
     an older driver or an unsupported card sees no GPU, and every non-4-bit choice would fall back silently."""
@@ -226,11 +222,15 @@ def pin_one_gpu(num_processes: int) -> None:
         )
 
 
+def resolve(train) -> dict[str, Any]:
+    """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
+    checkpointed layers. A single process is pinned to one GPU first, before anything starts CUDA."""
+    pin_one_gpu(train.num_processes)
     hw = probe()
+    check_cuda_required(train.require_cuda, hw["cuda"])
     check_quantization(train.load_in_4bit, hw["cuda"])
     backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
     precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
-    check_cuda_required(train.require_cuda, hw["cuda"])
     head = select_lm_head(train.lm_head, hw["cuda"], backend)
     share = select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
     return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}
