@@ -70,12 +70,15 @@ def kto_blocker(trl_version: str, triton_installed: bool, cuda: bool) -> str | N
 
 
 def installed_kto_blocker(cuda: bool) -> str | None:
-    """Probe: kto_blocker for the installed trl and triton on a machine with or without CUDA."""
+    """Probe: kto_blocker for the installed trl and triton on a machine with or without CUDA. The versions
+    come from the package metadata, never an import: the dpo stage asks before Unsloth is imported, and
+    Unsloth must patch TRL before anything imports it."""
+    import importlib.metadata
     import importlib.util
 
-    import trl
-
-    return kto_blocker(trl.__version__, importlib.util.find_spec("triton") is not None, cuda)
+    return kto_blocker(
+        importlib.metadata.version("trl"), importlib.util.find_spec("triton") is not None, cuda
+    )
 
 
 # --------------------------------------------------------------------------- huggingface_hub

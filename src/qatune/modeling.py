@@ -13,12 +13,19 @@ from typing import Any
 from qatune.hardware import training_dtype
 from qatune.training import fsdp_launched
 
+UNSLOTH_COMPILE_LOCATION = ".cache/unsloth_compiled_cache"
+
+
 def import_backend(backend: str) -> None:
     """Import Unsloth when it trains: it patches transformers, TRL and peft, so it must come first.
 
     The stages call this right after choosing the backend and before importing TRL, datasets or peft.
     """
     if backend == "unsloth":
+        # unsloth_zoo writes the modules it generates to ./unsloth_compiled_cache, the repository root when a
+        # stage runs, unless UNSLOTH_COMPILE_LOCATION (read once, when unsloth_zoo.compiler is imported) says
+        # where: under .cache/, which git and DVC ignore. A location the user set is kept.
+        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", UNSLOTH_COMPILE_LOCATION)
         import unsloth  # noqa: F401
 
 

@@ -59,3 +59,35 @@ def test_nothing_the_stage_loads_first_imports_transformers(stage, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_unsloth_writes_its_generated_modules_under_the_cache_folder(tmp_path):
+    """unsloth_zoo reads UNSLOTH_COMPILE_LOCATION once, at import: import_backend sets it first (not the
+    repository root's ./unsloth_compiled_cache), and a location the user chose is kept."""
+    fake = tmp_path / "unsloth"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import os\nprint(os.environ.get('UNSLOTH_COMPILE_LOCATION'))\n")
+    code = "from qatune import modeling\nmodeling.import_backend('unsloth')\n"
+    env = {"PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ".cache/unsloth_compiled_cache"
+    env["UNSLOTH_COMPILE_LOCATION"] = "/tmp/mine"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.stdout.strip() == "/tmp/mine"
+    ignored = (ROOT / ".gitignore").read_text().splitlines() + (ROOT / ".dvcignore").read_text().splitlines()
+    assert "/.cache/" in ignored
+
+
+def test_the_kto_check_before_the_backend_does_not_import_trl():
+    """The dpo stage asks whether KTO can train before it imports the backend: the answer comes from
+    package metadata, so TRL is still unimported when Unsloth patches it."""
+    code = (
+        "import json, sys\n"
+        "from qatune import compat\n"
+        "compat.installed_kto_blocker(False)\n"
+        f"print(json.dumps(sorted(m for m in {PATCHED!r} if m in sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
