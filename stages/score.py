@@ -5,7 +5,8 @@
 
 Reads `seed`, `train.system_prompt`, `train.enable_thinking`, `train.trust_remote_code` and the scoring
 keys of `evaluate`. The model is models/base with the adapter merged in (`--adapter models/base` scores the
-base itself), on the GPU when there is one (qatune.hardware.placement). Scores the chosen and rejected
+base itself), on the GPU in the dtype it scores in where qatune.plan finds that it fits the card, else on
+the CPU (qatune.hardware.placement). Scores the chosen and rejected
 answers of every row in float32 (bf16 with `evaluate.score_precision: auto` on hardware fast at it); with --generate it also answers every question and the demo questions
 greedily (bf16/fp16 on GPUs, bf16 on CPUs that are fast at it) and measures each answer's
 similarity to the chosen and rejected ones. Writes everything, rows included, to one JSON file that the
@@ -19,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from qatune import hardware, modeling, scoring
+from qatune import hardware, modeling, plan, scoring
 from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
@@ -66,9 +67,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.manual_seed(params.seed)
-    hw = hardware.probe()
-    device, dtype = hardware.placement("score", hw)
+    hw = plan.machine(hardware.probe())
     adapters = [(args.name, adapter)] if modeling.is_adapter(adapter) else []
+    # on the GPU in the dtype it scores in where that fits, else on the CPU (qatune.plan); stops if neither
+    arch = plan.load_arch(args.model)
+    answers = (params.clean.max_prompt_length, params.evaluate.max_new_tokens) if args.generate else None
+    lora = plan.adapter_parameters(arch, adapter)
+    memory = plan.score(
+        arch, hw, params.evaluate.score_precision, batch_size, params.clean.max_length, lora, answers
+    ).require()
+    device, dtype, batch_size = memory.device, memory.dtype, memory.batch  # a smaller batch only on a GPU
+    hw = {**hw, "cuda": device == "cuda"}  # a CPU fallback scores and answers by the CPU's rules
     model, tokenizer = modeling.load_with_adapters(
         args.model, adapters, dtype, device, params.train.trust_remote_code
     )
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     out["timings"] = {**timings, "wall_s": round(time.perf_counter() - started, 1)}
     out["device"] = device
+    out["memory_plan"] = memory.record()
     out.update(peak_memory_gb())
     write_json(args.out, out)
     print(f"score {args.name}: {timings} -> {args.out}")

@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from qatune import hardware, lm_head, modeling, training
+from qatune import hardware, lm_head, modeling, plan, training
 from qatune.chat import sft_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.facts import focus_first
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- model: the backend first (Unsloth must be imported before TRL), then the training template
     torch.manual_seed(params.seed)
     hw = hardware.resolve(train)
+    arch = plan.load_arch(args.model)  # its peak memory on this machine, or a one-line stop before loading
+    memory = plan.training("sft", arch, train, cfg, plan.machine(hw)).require()
     modeling.import_backend(hw["backend"])
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = {
         "method": "sft",
         **training.run_metrics(trainer, result, hw, runtime, start_step),
+        "memory_plan": memory.record(),
         "loss_mode": loss_mode,
         "train_rows": len(rows["train"]),
         "val_rows": len(rows["val"]),

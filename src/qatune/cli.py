@@ -6,6 +6,7 @@
     echo "What should I eat before a run?" | qatune ask -
     qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load
     qatune chat                                                # Gradio app on http://127.0.0.1:7860
+    qatune plan --profile profiles/seed003-mistral-qlora.yaml --gpu-gb 16 24   # each stage's memory plan
 
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
 port, input cap, queue) and `train.system_prompt` (the prompt the model was trained with). Flags override
@@ -86,7 +87,58 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a public gradio.live link (default: chat.share, off)",
     )
+    plan = sub.add_parser("plan", help="each model-loading stage's predicted peak memory and device")
+    plan.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
+    plan.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        help="plan for these profiles (profiles/X.yaml) applied to --params",
+    )
+    plan.add_argument(
+        "--gpu-gb",
+        nargs="+",
+        type=float,
+        default=[],
+        help="plan for CUDA cards of these sizes (16 24 40 80) instead of this machine",
+    )
+    plan.add_argument("--model", default="models/base", help="the fetched base, whose config.json is read")
     return parser
+
+
+def show_plan(args: argparse.Namespace) -> None:
+    """`qatune plan`: the plan of every model-loading stage for each profile on each card (or this machine),
+    from the base's config.json, or qatune.plan's table of the seeds' bases before they are fetched."""
+    from qatune import hardware, plan, profiles
+
+    runs = [(Path(args.params).stem, load_params(args.params))]
+    if args.profile:
+        runs = [
+            (Path(p).stem, profiles.merged(Path(p).stem, args.params, Path(p).parent)[1])
+            for p in args.profile
+        ]
+    machines = [(f"{gb:g} GB GPU", plan.card(gb)) for gb in args.gpu_gb]
+    if not machines:
+        hw = plan.machine(hardware.probe())
+        machines = [(f"{hw['device']}, {hw['gpu_gb'] or 0:.0f} GB GPU, {hw['ram_gb']:.0f} GB RAM", hw)]
+    rows = []
+    for name, params in runs:
+        arch = plan.load_arch(args.model, params.base_model.source)
+        for where, hw in machines:
+            blocks = (
+                params.train,
+                params.sft,
+                params.dpo,
+                params.clean,
+                params.evaluate,
+                params.merge,
+                params.export,
+            )
+            plans = plan.whole_run(arch, hw, *blocks)
+            rows.append((name, where, plans))
+            for p in plans if len(runs) * len(machines) == 1 else ():
+                print(p.line())
+    print(plan.table(rows))
 
 
 def settings_from(args: argparse.Namespace, params: Params):
@@ -215,6 +267,8 @@ def chat(args: argparse.Namespace, params: Params) -> None:
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "plan":
+        return show_plan(args)
     params = load_params(args.params)
     {"ask": ask, "chat": chat}[args.command](args, params)
 

@@ -85,23 +85,26 @@ def select_device(requested: str, cuda_available: bool) -> str:
 
 # Where a model goes and in which dtype, by what it is loaded for (tests/unit/test_hardware.py has the table):
 #   purpose    CPU          CPU with bf16   CUDA with bf16   CUDA fp16 only (T4)
-#   score      cpu fp32     cpu fp32        cuda fp32        cuda fp32
-#   merge      cpu fp32     cpu fp32        cuda fp32        cuda fp32
+#   score      cpu fp32     cpu fp32        cuda W           cuda W           (W: the dtype it works in,
+#   merge      cpu fp32     cpu fp32        cuda W           cuda W            cpu fp32 if W does not fit)
 #   generate   cpu fp32     cpu bf16        cuda bf16        cuda fp16
 #   serve      cpu fp32     cpu fp32        cuda bf16        cuda fp16
-# Scoring and merging stay float32 on every device: bf16 rounding was measured to flip the sign of DPO's
-# implicit reward on a third of the pairs, and merge checks logits to 1e-3. Greedy answers for the report
+# On a CPU scoring and merging load float32 and cast afterwards (score_dtype, merge.dtype): bf16 rounding was
+# measured to flip the sign of DPO's implicit reward on a third of the pairs, and merge checks logits to 1e-3.
+# On a GPU a 7B model in float32 is 29 GB, so they load straight in the dtype they work in (score_dtype,
+# merge.dtype) when qatune.plan finds that it fits the card, else on the CPU. Greedy answers for the report
 # run in bf16 where it is fast (about twice float32's tokens/s on AMX/AVX512-BF16 CPUs); interactive chat on
 # a CPU keeps float32, and on GPUs half precision halves the memory.
 PURPOSES = ("score", "merge", "generate", "serve")
 
 
-def placement(purpose: str, hw: dict[str, Any]) -> tuple[str, str]:
-    """(device, dtype name) for a model loaded for `purpose` on the machine `hw` (probe())."""
+def placement(purpose: str, hw: dict[str, Any], work: str = "float32", fits_gpu=True) -> tuple[str, str]:
+    """(device, dtype name) for a model loaded for `purpose` on the machine `hw` (probe()). Score and merge
+    take the dtype they work in (`work`) and whether qatune.plan found that it fits the GPU."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r} (one of {PURPOSES})")
     if purpose in ("score", "merge"):
-        return ("cuda" if hw["cuda"] else "cpu"), "float32"
+        return ("cuda", work) if hw["cuda"] and fits_gpu else ("cpu", "float32")
     if hw["cuda"]:
         return "cuda", "bfloat16" if hw["cuda_bf16"] else "float16"
     return "cpu", "bfloat16" if purpose == "generate" and hw["cpu_bf16"] else "float32"
