@@ -120,7 +120,8 @@ def show_plan(args: argparse.Namespace) -> None:
     machines = [(f"{gb:g} GB GPU", plan.card(gb)) for gb in args.gpu_gb]
     if not machines:
         hw = plan.machine(hardware.probe())
-        machines = [(f"{hw['device']}, {hw['gpu_gb'] or 0:.0f} GB GPU, {hw['ram_gb']:.0f} GB RAM", hw)]
+        gpu = f"{hw['gpu_gb']:.0f} GB GPU" if hw["gpu_gb"] else "no GPU"
+        machines = [(f"{hw['device']}, {gpu}, {hw['ram_gb']:.0f} GB RAM", hw)]
     rows = []
     for name, params in runs:
         arch = plan.load_arch(args.model, params.base_model.source)
