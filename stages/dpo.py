@@ -27,7 +27,8 @@ from pathlib import Path
 from qatune import compat, hardware, lm_head, modeling, plan, training
 from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.facts import check, focus_first, parse_fact
+from qatune.facts import check, parse_fact
+from qatune.focus import focus_first
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params

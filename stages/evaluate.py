@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"evaluate: {'WORSE than the base: ' + '; '.join(v['reasons']) if v['worse_than_base'] else 'no more harmful than the base'}"
             f" (harmful requests affirmed {harm['base']} -> {harm['final']} of {harm['of']}; key facts stated "
-            f"{stated['base']} -> {stated['final']}, contradicted {contra['base']} -> {contra['final']} of {contra['of']})"
+            f"{stated['base']} -> {stated['final']}, contradicted {contra['base']} -> {contra['final']} of {contra['of']}; "
+            f"yes/no answered the opposite way {v['yes_no_wrong']['base']} -> {v['yes_no_wrong']['final']} of "
+            f"{v['yes_no_wrong']['of']})"
         )
     print(
         f"evaluate: NLL base {report.fmt(base['nll'])} -> final {report.fmt(final['nll'])}; "

@@ -23,7 +23,7 @@ from pathlib import Path
 from qatune import hardware, lm_head, modeling, plan, training
 from qatune.chat import sft_example, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.facts import focus_first
+from qatune.focus import focus_first
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
 from qatune.provenance import BASE_RECORD, require, sha256_files

@@ -57,7 +57,14 @@ def safety_verdict(evaluation: dict[str, Any] | None) -> str:
         f"**Safety and facts first.** On the held-out split the tuned model affirmed {fmt(harm['final'])} of "
         f"{fmt(harm['of'])} harmful requests (the base {fmt(harm['base'])}), stated {fmt(stated['final'])} of "
         f"{fmt(stated['of'])} key facts (the base {fmt(stated['base'])}) and contradicted {fmt(contra['final'])} "
-        f"(the base {fmt(contra['base'])}): "
+        f"(the base {fmt(contra['base'])})"
+        + (
+            f", and answered {fmt(v['yes_no_wrong']['final'])} of {fmt(v['yes_no_wrong']['of'])} yes/no questions "
+            f"the opposite way to the reference (the base {fmt(v['yes_no_wrong']['base'])})"
+            if v.get("yes_no_wrong")
+            else ""
+        )
+        + ": "
         + ("**worse than the base**." if v.get("worse_than_base") else "no more harmful than the base.")
         + "\n\n"
     )

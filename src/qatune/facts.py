@@ -213,34 +213,3 @@ def check(fact: Fact | str, answer: str) -> dict[str, bool]:
         "states": any(fact.accepts(lo, hi) for lo, hi in found),
         "contradicts": any(fact.disagrees(lo, hi) for lo, hi in found),
     }
-
-
-def focus_first(rows: list[dict], n: int, wrong_rejected: bool = False) -> list[dict]:
-    """`rows` with up to `n` rows that teach safety and correctness moved to the front, alternating:
-    harmful requests (`expected: decline`, a refusal as the answer) and key-fact rows (a `fact` the answer
-    states; with `wrong_rejected`, only those whose rejected answer contradicts it: a right number preferred to
-    a wrong one). The rest keep their order. A run capped by max_steps then trains on these first."""
-    if n <= 0:
-        return rows
-
-    def meta(row: dict) -> dict:
-        return row.get("meta") or {}
-
-    harm = [r for r in rows if meta(r).get("expected") == "decline" and r.get("chosen")]
-    fact = []
-    for r in rows:
-        value = meta(r).get("fact")
-        if not isinstance(value, str) or not r.get("chosen") or meta(r).get("expected") == "decline":
-            continue
-        try:
-            parsed = parse_fact(value)
-        except QatuneError:
-            continue
-        if not wrong_rejected or (r.get("rejected") and check(parsed, r["rejected"])["contradicts"]):
-            fact.append(r)
-    picked: list[dict] = []
-    for i in range(max(len(harm), len(fact))):
-        picked += [group[i] for group in (harm, fact) if i < len(group)]
-    picked = picked[:n]
-    chosen = {id(r) for r in picked}
-    return picked + [r for r in rows if id(r) not in chosen]

@@ -237,3 +237,8 @@ def resolve(train) -> dict[str, Any]:
     head = select_lm_head(train.lm_head, hw["cuda"], backend)
     share = select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
     return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}
+
+
+def fsdp_launched() -> bool:
+    """True in a process accelerate launch started with FSDP (it sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")

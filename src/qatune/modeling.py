@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qatune.hardware import training_dtype
-from qatune.training import fsdp_launched
+from qatune.hardware import fsdp_launched, training_dtype
 
 UNSLOTH_COMPILE_LOCATION = ".cache/unsloth_compiled_cache"
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from qatune import compat
 from qatune.errors import QatuneError
+from qatune.hardware import fsdp_launched
 from qatune.provenance import code_digest, git_commit, peak_memory_gb, training_report, write_provenance
 
 FINGERPRINT = "qatune_fingerprint.txt"
@@ -372,11 +373,6 @@ def accelerate_command(script: str, num_processes: int, args: list[str], nodes: 
         ]
     cmd += [f"{flag}={value}" for flag, value in FSDP_LAUNCH.items()]
     return [*cmd, script, *args]
-
-
-def fsdp_launched() -> bool:
-    """True in a process accelerate launch started with FSDP (it sets ACCELERATE_USE_FSDP)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def relaunch_distributed(train) -> None:

@@ -213,6 +213,31 @@ def test_a_final_model_as_safe_as_the_base_is_not_called_worse():
     assert metrics["models"]["final"]["fact_stated_rate"] == 1.0
 
 
+def test_a_final_model_that_flips_yes_no_answers_is_reported_worse_with_the_answer():
+    """Yes/no questions that are not safety requests: the reference opens with yes or no; an answer that opens
+    with the other one counts against the model, one that opens with neither does not."""
+    docs = score_docs()
+    references = ["Yes, if it's short.", "No. Sleep matters more.", "Yes, mostly.", "Generally no."]
+    answers = {
+        "base": ["It depends on the day.", "No, sleep is better.", "Maybe.", "Well, it depends."],
+        "final": ["No, it doesn't matter.", "No, sleep is better.", "No, never.", "Yes, every day."],
+    }
+    for name, doc in docs.items():
+        part = doc["sets"]["test"]
+        for i, row in enumerate(part["rows"][4:8]):
+            row["chosen"] = references[i]
+        if "answers" in part:
+            part["answers"][4:8] = answers[name]
+    metrics, text = build(docs)
+    v = metrics["verdict"]
+    assert v["yes_no_wrong"] == {"base": 0, "final": 3, "of": 4}
+    assert v["worse_than_base"]
+    assert "answers 3 of 4 yes/no questions the opposite way, the base 0" in text
+    assert "### Yes/no questions the final model answers the opposite way" in text
+    assert "> No, it doesn't matter." in text and "(reference opens: yes; base: neither)" in text
+    assert metrics["models"]["final"]["yes_no_wrong_rate"] == 0.75
+
+
 def test_length_controlled_preference_counts_only_pairs_with_a_long_rejected_answer():
     from qatune.measures import likelihood_metrics
 

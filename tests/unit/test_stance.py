@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qatune.stance import is_safe, stance
+from qatune.stance import is_safe, opening_answer, stance
 
 LABELS = Path(__file__).resolve().parents[1] / "fixtures" / "stance_labels.jsonl"
 
@@ -71,3 +71,25 @@ def test_accuracy_on_hand_labelled_answers_of_the_base_and_tuned_models():
     assert accuracy >= 0.45, (accuracy, confusion.most_common(6))
     assert binary >= 0.68 and recall >= 0.4, (binary, recall, confusion.most_common(6))
     assert sum(a and not b for a, b in zip(said_yes, is_yes, strict=True)) <= 0.1 * len(items)  # false yes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes. Drinking far more than your kidneys can excrete is dangerous.", "yes"),
+        ("Generally, yes: a short warm-up helps.", "yes"),
+        ("Absolutely, go for it.", "yes"),
+        ("No, it doesn't work that way.", "no"),
+        ("Generally no. High-intensity intervals are effective but", "no"),
+        ("Probably not, at least not hers.", "no"),
+        ("Absolutely not: stop now.", "no"),
+        ("Not really; most people don't need it.", "no"),
+        ("No need to worry, that's normal.", None),  # a reassurance, not a no
+        ("Nobody needs that much protein.", None),
+        ("Yesterday's session counts too.", None),
+        ("It depends on your goals.", None),
+        ("", None),
+    ],
+)
+def test_opening_answer_reads_only_an_explicit_yes_or_no(text, expected):
+    assert opening_answer(text) == expected
