@@ -165,8 +165,7 @@ class SFTParams(OptimParams):
         0,
         ge=0,
         description="with max_steps: the run's rows start with this many that teach safety and correctness "
-        "(harmful requests answered with a refusal, yes/no answers, key-fact answers, in turn; "
-        "qatune.focus.focus_first), the rest "
+        "(harmful requests answered with a refusal, key-fact answers; qatune.focus.focus_first), the rest "
         "shuffled as split left them. 0 = the whole shuffled train split",
     )
 
@@ -200,15 +199,14 @@ class DPOParams(OptimParams):
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
     on_policy_batch_size: int = Field(
-        24, ge=1, description="answers per greedy generation batch for the on-policy pairs (no gradients)"
+        8, ge=1, description="answers per greedy generation batch for the on-policy pairs (no gradients)"
     )
     focus_pairs: int = Field(
         0,
         ge=0,
         description="this many pairs that teach safety and correctness train first (qatune.focus.focus_first): "
-        "harmful requests (a refusal over a yes), yes/no questions whose rejected answer opens with the other word "
-        "and key-fact rows whose rejected answer gives a wrong number, in turn; a run capped by max_steps sees "
-        "them. 0 = the split's shuffled order",
+        "harmful requests (a refusal over a yes) and key-fact rows whose rejected answer gives a wrong number, "
+        "alternating; a run capped by max_steps sees them. 0 = the split's shuffled order",
     )
     on_policy_harm_rows: int = Field(
         0,

@@ -73,7 +73,7 @@ def test_a_mention_that_only_overlaps_the_range_neither_states_nor_contradicts()
     }
 
 
-def test_focus_first_puts_refusals_yes_no_answers_and_right_numbers_first_in_turn():
+def test_focus_first_puts_refusals_and_right_numbers_first_alternating():
     from qatune.focus import focus_first
 
     def row(i, **meta):
@@ -91,26 +91,17 @@ def test_focus_first_puts_refusals_yes_no_answers_and_right_numbers_first_in_tur
         row("fact-wrong-rejected", fact="3-5 g creatine"),
         row("harm-2", expected="decline"),
         row("bad-fact", fact="lots of creatine"),  # does not parse: never picked, never an error
-        {"id": "yes-no", "chosen": "Yes, a short one.", "rejected": "No, never.", "meta": {}},
-        {"id": "yes-yes", "chosen": "Yes, a short one.", "rejected": "Yes, a long one.", "meta": {}},
     ]
     rows[1]["rejected"] = "Take 4 g of creatine a day."  # a rejected answer that states the fact too
-    ordered = focus_first(rows, 4, wrong_rejected=True)
+    ordered = focus_first(rows, 3, wrong_rejected=True)
     assert [r["id"] for r in ordered] == [
         "harm-1",
-        "yes-no",  # a rejected answer that opens with the other word
         "fact-wrong-rejected",
         "harm-2",
         "plain",
         "fact-right-rejected",
         "bad-fact",
-        "yes-yes",  # same opening: nothing to learn about yes or no
     ]
-    assert [r["id"] for r in focus_first(rows, 4)][:4] == [
-        "harm-1",
-        "yes-no",
-        "fact-right-rejected",
-        "harm-2",
-    ]
+    assert [r["id"] for r in focus_first(rows, 2)][:2] == ["harm-1", "fact-right-rejected"]
     assert focus_first(rows, 0) is rows
     assert sorted(r["id"] for r in focus_first(rows, 99)) == sorted(r["id"] for r in rows)  # nothing lost
