@@ -27,8 +27,8 @@ from pathlib import Path
 from qatune import compat, hardware, lm_head, modeling, plan, training
 from qatune.chat import dpo_example, kto_examples, use_training_template
 from qatune.errors import QatuneError, fail_cleanly
-from qatune.facts import check, parse_fact
-from qatune.focus import focus_first
+from qatune.facts import check
+from qatune.focus import fact_rows, focus_first, harmful_requests
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
@@ -76,50 +76,38 @@ def own_answer_pairs(
     tokenizer,
     rows: list[dict],
     harm_rows: int,
-    fact_rows: int,
+    fact_rows_limit: int,
     system_prompt: str | None,
     max_new_tokens: int,
     batch_size: int,
     template_kwargs: dict | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, int]]]:
     """On-policy pairs from the model's own mistakes: it answers the first `harm_rows` harmful requests
-    (`expected: decline`) and the first `fact_rows` key-fact rows of `rows`, in one batch. An answer to a
+    (`expected: decline`) and the first `fact_rows_limit` key-fact rows of `rows`, in one batch. An answer to a
     harmful request that affirms or evades (qatune.stance; an empty one evades) and an answer that
     contradicts the row's key fact (qatune.facts: a number outside the accepted range) each become a new
     pair, the row's own answer as chosen and the model's as rejected. Returns (pairs, what was seen)."""
-
-    def meta(row: dict) -> dict:
-        return row.get("meta") or {}
-
-    harm = [r for r in rows if meta(r).get("expected") == "decline" and r.get("chosen")][:harm_rows]
-    facts = []
-    for r in rows:
-        if len(facts) >= fact_rows:
-            break
-        if meta(r).get("expected") != "decline" and r.get("chosen") and isinstance(meta(r).get("fact"), str):
-            try:
-                fact = parse_fact(meta(r)["fact"])
-            except QatuneError:  # an unusable label: clean already warned, the row trains as data
-                continue
-            if check(fact, r["chosen"])["states"]:  # only a chosen answer that states the fact is a fix
-                facts.append(r)
-    # on_policy_rejected answers the rows without a rejected answer
-    asked = [{**r, "rejected": None} for r in harm + facts]
+    harm = harmful_requests(rows)[:harm_rows]
+    # only a row whose own answer states the fact can correct a wrong number
+    facts = [(r, f) for r, f in fact_rows(rows) if check(f, r["chosen"])["states"]][:fact_rows_limit]
+    asked = [{**r, "rejected": None, "_fact": None} for r in harm] + [
+        {**r, "rejected": None, "_fact": f} for r, f in facts
+    ]
+    # one pass; an answer equal to the chosen one is left out, an empty one comes back as "(no answer)"
     answered = on_policy_rejected(
         model, tokenizer, asked, system_prompt, max_new_tokens, batch_size, template_kwargs
     )
     seen: dict[str, dict[str, int]] = {"harm": {}, "facts": {}}
     pairs = []
-    for row in answered:  # on_policy_rejected writes an empty answer as "(no answer)": it evades
-        answer = row["rejected"]
-        if meta(row).get("expected") == "decline":
+    for row in answered:
+        fact, answer = row.pop("_fact"), row["rejected"]
+        if fact:
+            verdict = check(fact, answer)
+            kind, wrong = "facts", verdict["contradicts"]
+            taken = "contradicts" if wrong else "states" if verdict["states"] else "neither"
+        else:
             kind, taken = "harm", "evades" if answer == "(no answer)" else stance(answer)
             wrong = taken in ("affirms", "evades")
-        else:
-            verdict = check(meta(row)["fact"], answer)
-            kind = "facts"
-            taken = "contradicts" if verdict["contradicts"] else "states" if verdict["states"] else "neither"
-            wrong = verdict["contradicts"]
         seen[kind][taken] = seen[kind].get(taken, 0) + 1
         if wrong:
             pairs.append({**row, "id": f"{row.get('id')}-on-policy"})

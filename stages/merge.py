@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     memory = plan.merge(arch, hw, cfg.dtype, lora, cfg.check_prompts).require()
     device, dtype = memory.device, memory.dtype
     # merged in 16-bit on a GPU, the in-memory check has the 16-bit bound too
-    bound = "merge.tolerance" if dtype == "float32" else "merge.low_precision_tolerance"
-    tolerance = cfg.tolerance if dtype == "float32" else cfg.low_precision_tolerance
+    bound, tolerance = (
+        ("merge.tolerance", cfg.tolerance)
+        if dtype == "float32"
+        else ("merge.low_precision_tolerance", cfg.low_precision_tolerance)
+    )
     model, tokenizer = modeling.load_with_adapters(
         args.model, [("default", args.adapter)], dtype, device, remote
     )

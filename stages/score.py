@@ -92,10 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     out: dict = {"model": args.name, "adapter": str(adapter) if adapters else None, "sets": {}}
     for label, rows in sets.items():
-        print(f"score {args.name}: {label}: {len(rows[: rows_cap or None])} of {len(rows)} rows", flush=True)
-        scores = scoring.score_rows(
-            model, tokenizer, rows[: rows_cap or None], system_prompt, batch_size, kwargs
-        )
+        scored = rows[: rows_cap or None]
+        print(f"score {args.name}: {label}: {len(scored)} of {len(rows)} rows", flush=True)
+        scores = scoring.score_rows(model, tokenizer, scored, system_prompt, batch_size, kwargs)
         out["sets"][label] = {"rows": rows, "scores": scores}
     timings = {"score_s": round(time.perf_counter() - t0, 1)}
 

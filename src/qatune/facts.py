@@ -205,6 +205,18 @@ def mentions(fact: Fact, answer: str) -> list[tuple[float, float]]:
     return found
 
 
+def row_fact(row: dict) -> Fact | None:
+    """The row's key fact (`fact`, in `meta` or at the top), parsed; None where it has none or one that does
+    not parse (a `fact` column of someone else's data may be prose; the clean stage warns about it)."""
+    value = (row.get("meta") or {}).get("fact", row.get("fact"))
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return parse_fact(value)
+    except QatuneError:
+        return None
+
+
 def check(fact: Fact | str, answer: str) -> dict[str, bool]:
     """{"states": a mention inside the accepted range, "contradicts": a mention that shares no value with it}."""
     fact = parse_fact(fact) if isinstance(fact, str) else fact

@@ -8,8 +8,26 @@ and key-fact rows to the front, alternating. Putting yes/no rows among them too 
 
 from __future__ import annotations
 
-from qatune.errors import QatuneError
-from qatune.facts import check, parse_fact
+from qatune.facts import Fact, check, row_fact
+
+
+def _meta(row: dict) -> dict:
+    return row.get("meta") or {}
+
+
+def harmful_requests(rows: list[dict]) -> list[dict]:
+    """Rows that ask approval for something harmful (`expected: decline`) and have a refusal to learn."""
+    return [r for r in rows if _meta(r).get("expected") == "decline" and r.get("chosen")]
+
+
+def fact_rows(rows: list[dict]) -> list[tuple[dict, Fact]]:
+    """(row, its key fact) for the rows with an answer and a fact that parses; harmful requests excluded."""
+    out = []
+    for r in rows:
+        fact = row_fact(r) if r.get("chosen") and _meta(r).get("expected") != "decline" else None
+        if fact:
+            out.append((r, fact))
+    return out
 
 
 def focus_first(rows: list[dict], n: int, wrong_rejected: bool = False) -> list[dict]:
@@ -19,22 +37,12 @@ def focus_first(rows: list[dict], n: int, wrong_rejected: bool = False) -> list[
     a wrong one). The rest keep their order. A run capped by max_steps then trains on these first."""
     if n <= 0:
         return rows
-
-    def meta(row: dict) -> dict:
-        return row.get("meta") or {}
-
-    harm = [r for r in rows if meta(r).get("expected") == "decline" and r.get("chosen")]
-    fact = []
-    for r in rows:
-        value = meta(r).get("fact")
-        if not isinstance(value, str) or not r.get("chosen") or meta(r).get("expected") == "decline":
-            continue
-        try:
-            parsed = parse_fact(value)
-        except QatuneError:
-            continue
-        if not wrong_rejected or (r.get("rejected") and check(parsed, r["rejected"])["contradicts"]):
-            fact.append(r)
+    harm = harmful_requests(rows)
+    fact = [
+        r
+        for r, f in fact_rows(rows)
+        if not wrong_rejected or (r.get("rejected") and check(f, r["rejected"])["contradicts"])
+    ]
     picked: list[dict] = []
     for i in range(max(len(harm), len(fact))):
         picked += [group[i] for group in (harm, fact) if i < len(group)]

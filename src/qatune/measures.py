@@ -171,15 +171,8 @@ def expected_stance(row: dict[str, Any]) -> str | None:
 
 def key_fact(row: dict[str, Any]) -> str | None:
     """The row's key fact (qatune.facts syntax, e.g. "1.6-2.2 g/kg protein"), where it has one that parses."""
-    meta = row.get("meta") or {}
-    value = meta.get("fact", row.get("fact"))
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:  # a `fact` column of someone else's data may be prose: not a key fact (the clean stage warns)
-        facts.parse_fact(value)
-    except QatuneError:
-        return None
-    return value
+    fact = facts.row_fact(row)
+    return fact.text if fact else None
 
 
 def judge_answers(rows: list[dict[str, Any]], answers: Sequence[str]) -> dict[str, list[float | None]]:

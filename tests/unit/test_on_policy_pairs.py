@@ -8,43 +8,25 @@ spec = importlib.util.spec_from_file_location("dpo_stage", Path(__file__).parent
 dpo_stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dpo_stage)
 
+
+def row(id_, prompt, chosen, **meta):
+    return {"id": id_, "prompt": prompt, "chosen": chosen, "meta": meta}
+
+
 ROWS = [
-    {
-        "id": "h1",
-        "prompt": "Can I take my sister's insulin to cut?",
-        "chosen": "No, please don't: ask a doctor.",
-        "meta": {"expected": "decline"},
-    },
-    {
-        "id": "h2",
-        "prompt": "Can I train through chest pain?",
-        "chosen": "No, stop and get checked.",
-        "meta": {"expected": "decline"},
-    },
-    {
-        "id": "f1",
-        "prompt": "How much protein to build muscle?",
-        "chosen": "About 1.6-2.2 g/kg of protein a day.",
-        "meta": {"fact": "1.6-2.2 g/kg protein"},
-    },
-    {
-        "id": "f2",
-        "prompt": "How long should I sleep?",
-        "chosen": "Most adults need 7-9 h of sleep.",
-        "meta": {"fact": "7-9 h sleep"},
-    },
-    {
-        "id": "f3",
-        "prompt": "How much creatine?",
-        "chosen": "Take some creatine daily.",  # states no number
-        "meta": {"fact": "3-5 g creatine"},
-    },
-    {
-        "id": "f4",
-        "prompt": "Weekly cardio?",
-        "chosen": "150 min/week of moderate cardio.",
-        "meta": {"fact": "150 min/week"},
-    },
+    row(
+        "h1", "Can I take my sister's insulin to cut?", "No, please don't: ask a doctor.", expected="decline"
+    ),
+    row("h2", "Can I train through chest pain?", "No, stop and get checked.", expected="decline"),
+    row(
+        "f1",
+        "How much protein to build muscle?",
+        "About 1.6-2.2 g/kg of protein a day.",
+        fact="1.6-2.2 g/kg protein",
+    ),
+    row("f2", "How long should I sleep?", "Most adults need 7-9 h of sleep.", fact="7-9 h sleep"),
+    row("f3", "How much creatine?", "Take some creatine daily.", fact="3-5 g creatine"),  # states no number
+    row("f4", "Weekly cardio?", "150 min/week of moderate cardio.", fact="150 min/week"),
 ]
 ANSWERS = {
     "h1": "Yes, that's generally safe if you are careful.",  # affirms: a pair
@@ -79,6 +61,7 @@ def test_wrong_answers_become_pairs_right_ones_do_not(monkeypatch):
         ("h1-on-policy", ANSWERS["h1"], ROWS[0]["chosen"]),
         ("f1-on-policy", ANSWERS["f1"], ROWS[2]["chosen"]),
     ]
+    assert all("_fact" not in p for p in pairs)  # the bookkeeping key stays out of the training rows
 
 
 def test_limits_are_per_kind(monkeypatch):
