@@ -3,7 +3,9 @@ with the family's real chat template (the string TRL ships for Qwen2.5, Qwen3 an
 Mistral Instruct v0.1's own), which must train on assistant tokens only and be published unchanged.
 
 Only steps and sizes are cut, plus what cannot run here; each cut is listed in `cuts()` and printed, and the
-test checks that every other params value is the profile's:
+test checks that every other value is the profile's (default recipe + profile) in the params file written, in
+the params the training stage read (its provenance record) and in the TrainingArguments the run saved with
+its checkpoint (learning rate, schedule, warmup, optimiser, beta, ...):
 - the base model: the tiny model of the family (no download);
 - each source: a local file in the source's own format with the same `use_as`, 12 rows (no Hub);
 - CUDA-only switches: 4-bit, Unsloth and fp16 need a GPU (their selection logic is tested in tests/unit);
@@ -12,14 +14,18 @@ test checks that every other params value is the profile's:
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoTokenizer
 from trl import chat_template_utils as trl_templates
 
-from qatune.profiles import SEEDS, flatten, merged
+from qatune import training
+from qatune.profiles import SEEDS, flatten, resolve
+from qatune.provenance import PROVENANCE_FILE
 from qatune.tiny import save_tiny
 from tests.conftest import FIXTURES, ROOT, run
 
@@ -38,6 +44,7 @@ TEMPLATES = {
     "llama": trl_templates.llama3_2_chat_template,
     "mistral": MISTRAL_V01,
 }
+MISSING = object()
 ROWS_PER_SOURCE = 12  # a source that is one split; sources split by the split block share 24 rows
 STEP_CUTS = {"max_steps": 2, "eval_steps": 2, "save_steps": 2, "logging_steps": 1, "batch_size": 2}
 STEP_CUTS |= {"eval_batch_size": 2, "grad_accum": 1, "warmup_steps": 0, "max_length": 384, "eval_rows": 0}
@@ -77,7 +84,9 @@ def cuts(data: dict, model_dir: Path, data_dir: Path) -> dict[str, object]:
     for block in ("sft", "dpo"):
         out |= {f"{block}.{key}": value for key, value in STEP_CUTS.items()}
     out["clean.max_length"] = 384
-    out["clean.max_prompt_length"] = min(data["clean"]["max_prompt_length"], 192)
+    # Room for the default's system prompt (203 tokens under the tiny Qwen3 tokenizer, which clean counts in
+    # the prompt) and a question, below clean.max_length: seed 000's own 256 stays.
+    out["clean.max_prompt_length"] = min(data["clean"]["max_prompt_length"], 320)
     return out
 
 
@@ -98,20 +107,23 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
         tok.bos_token = "<|begin_of_text|>"
     tok.chat_template = template
     tok.save_pretrained(model_dir)
-    profile, params = merged(seed.profile, ROOT / "params.yaml", ROOT / "profiles")
+    profile, params = resolve(seed.profile, ROOT / "profiles")
     data = json.loads(json.dumps(profile))
     (tmp_path / "data").mkdir()
     changes = cuts(data, model_dir, tmp_path / "data")
     for key, value in changes.items():
         put(data, key, value)
     print(f"{seed.profile}: cut {sorted(changes)}")
-    # Everything not listed in the cuts is the profile's own value.
-    kept = {k: v for k, v in flatten(profile) if k not in changes}
-    assert kept == {k: v for k, v in flatten(data) if k not in changes}
     assert params.base_model.source == seed.base_model
 
     proj = project()
     (proj / "params.yaml").write_text(yaml.safe_dump(data))
+    # The file the stages read differs from default + profile in the listed cuts and nowhere else.
+    want = dict(flatten(profile))
+    written = yaml.safe_load((proj / "params.yaml").read_text())
+    got = dict(flatten(written))
+    differ = {k for k in want.keys() | got.keys() if want.get(k, MISSING) != got.get(k, MISSING)}
+    assert differ <= set(changes), f"changed beyond the cuts: {sorted(differ - set(changes))}"
     stages = ["fetch", "clean", "split", "sft"] + (["dpo"] if params.dpo.enabled else [])
     for stage in stages:
         run([sys.executable, f"stages/{stage}.py"], proj)
@@ -134,6 +146,40 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
         params.train.lora.alpha,
         params.train.lora.dropout,
     )
+    # The profile's last training stage: the params it read and the TrainingArguments it built.
+    trained = "dpo" if params.dpo.enabled else "sft"
+    used = json.loads((proj / f"models/{trained}" / PROVENANCE_FILE).read_text())["params"]
+    compared = {k: v for k, v in flatten(used) if k in want and k not in changes}
+    assert len(compared) > 40  # seed, train.* and the method's block
+    assert compared == {k: want[k] for k in compared}  # what the stage read is the profile's, cuts aside
+    saved = torch.load(
+        proj / f"models/{trained}-checkpoints/checkpoint-2/training_args.bin", weights_only=False
+    )
+    block = written[trained]
+    built = {
+        "learning_rate": block["learning_rate"],
+        "lr_scheduler_type": block["scheduler"],
+        "warmup_steps": training.warmup(getattr(params, trained).model_copy(update=block)),
+        "optim": block["optim"],
+        "weight_decay": block["weight_decay"],
+        "max_grad_norm": block["max_grad_norm"],
+        "num_train_epochs": block["epochs"],
+        "max_steps": block["max_steps"],
+        "per_device_train_batch_size": block["batch_size"],
+        "gradient_accumulation_steps": block["grad_accum"],
+        "logging_steps": block["logging_steps"],
+        "eval_steps": block["eval_steps"],
+        "save_steps": block["save_steps"],
+        "save_total_limit": block["save_total_limit"],
+        "load_best_model_at_end": block["load_best_model_at_end"],
+        "max_length": block["max_length"],
+        "seed": written["seed"],
+        "gradient_checkpointing": written["train"]["activation_checkpointing"],
+    }
+    if trained == "dpo":
+        built |= {"beta": written["beta"], "loss_type": written["dpo"]["loss_type"]}
+    ran = {k: v.value if isinstance(v, Enum) else v for k, v in ((k, getattr(saved, k)) for k in built)}
+    assert ran == built
     if params.dpo.enabled:
         dpo = json.loads((proj / "metrics/dpo.json").read_text())
         assert dpo["steps"] == 2 and dpo["reference"] == "base" and dpo["loss_type"] == params.dpo.loss_type
