@@ -3,7 +3,8 @@
     python stages/evaluate.py --params params.yaml --scores data/scores --metrics metrics/evaluate.json \
         --report metrics/report.md --plots metrics/evaluate
 
-Reads `beta` (DPO's implicit reward), `seed` (the paired bootstrap) and `evaluate.sample_answers`. Loads
+Reads `beta` (DPO's implicit reward), `seed` (the paired bootstrap), `evaluate.sample_answers` and
+`domain.referral` (the words that count as sending someone to a professional). Loads
 no model: the score stages (score@base, score@sft, score@final) have scored and answered everything.
 Writes every number per model and each paired difference with its bootstrap interval to
 metrics/evaluate.json, the report to metrics/report.md (first: is the final model better than the base,
@@ -19,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from qatune import judge, report
+from qatune import judge, report, stance
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json, write_jsonl
 from qatune.params import load_params
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> None:
             raise QatuneError(f"{path}: missing scores of the {name} model; run `dvc repro evaluate`")
         docs[name] = json.loads(path.read_text(encoding="utf-8"))
 
-    metrics, records, demos = report.evaluation(docs, params.beta)
-    paired = report.paired_questions(docs)
+    referral = stance.referral_vocabulary(params.domain.referral)  # the domain's referral words
+    metrics, records, demos = report.evaluation(docs, params.beta, referral)
+    paired = report.paired_questions(docs, referral=referral)
     metrics["differences"] = report.differences(paired, params.seed)
     metrics["judge"] = run_judge(params.evaluate.judge, records, Path(args.judge_cache))
     metrics.update(git_commit=git_commit(), wall_s=round(time.perf_counter() - started, 1))

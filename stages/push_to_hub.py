@@ -5,7 +5,8 @@
 
     HF_TOKEN=hf_... HF_HUB_OFFLINE=0 dvc exp run push-to-hub -S hub.push=true   # really upload
 
-Reads `hub` (repos, privacy, card metadata), `generate` (the merged model's generation config) and the
+Reads `hub` (repos, privacy, card metadata), `domain` (the cards' subject, example question, warning, tags
+and licence; `auto` = the base model's), `generate` (the merged model's generation config) and the
 training params the cards describe. Always stages exactly what would be uploaded into models/hub/adapter,
 models/hub/merged (hard links to the weights, fresh adapter_config.json / generation_config.json /
 README.md) and, with `hub.gguf_repo` set and GGUF files from the export stage, models/hub/gguf (the files
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     token, note = hub.upload_plan(cfg.push)  # fails early on push + offline, before any work
 
     base_id = hub.resolve_base_id(cfg.base_model_id, args.base, params.base_model.source)
+    # domain.license auto follows the base's licence; an unknown one stops the release here, before any work
+    base_license = hub.card_license(Path(args.base) / "README.md")
+    hub.release_license(params.domain.license, base_id, base_license)
     metrics_dir = Path(args.metrics)
     metrics = {
         name: hub.read_json(metrics_dir / f"{name}.json")
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                 export=metrics["export"],
                 provenance=prov,
                 worse_than_base=worse,
+                base_license=base_license,
             )
         )
         written = {**generated[role], "README.md": card, PROVENANCE_FILE: published}

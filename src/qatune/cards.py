@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from qatune.hub import ROLES
+from qatune.hub import ROLES, release_license
 from qatune.params import Params
 from qatune.report import MEASURES, fmt, is_number
 
@@ -34,6 +34,12 @@ class CardInputs:
     worse_than_base: str | None = (
         None  # the evaluate stage's reasons, when released under hub.allow_worse_than_base
     )
+    base_license: str | None = None  # the licence the base model's own card names, if it has one
+
+
+def license_id(inputs: CardInputs) -> str:
+    """domain.license, or the base model's licence for `auto` (qatune.hub.release_license)."""
+    return release_license(inputs.params.domain.license, inputs.base_id, inputs.base_license)
 
 
 def safety_warning(inputs: CardInputs) -> str:
@@ -96,7 +102,7 @@ def data_words(params: Params) -> str:
         if src.type == "hub":
             names.append(f"[{src.dataset}](https://huggingface.co/datasets/{src.dataset})")
         elif src.type == "bundled":
-            names.append("qatune's bundled fitness and nutrition preference set")
+            names.append(f"qatune's bundled {params.domain.name} preference set")
         else:
             names.append(f"a local file ({src.name})")
     return ", ".join(names)
@@ -141,11 +147,13 @@ def metadata(inputs: CardInputs) -> str:
         base_model=inputs.base_id,
         base_model_relation="adapter" if adapter else "finetune",  # a merged LoRA is a fine-tune of the base
         library_name="peft" if adapter else "transformers",
-        license=hub.license,
+        license=license_id(inputs),
         language=["en"],
         datasets=list(hub.datasets) or None,
         tags=list(
-            dict.fromkeys([*hub.tags, "trl", *recipe(inputs.params)[1], *(["lora"] if adapter else [])])
+            dict.fromkeys(
+                [*inputs.params.domain.tags, "trl", *recipe(inputs.params)[1], *(["lora"] if adapter else [])]
+            )
         ),
         pipeline_tag="text-generation",
     )
@@ -166,7 +174,8 @@ def intro(inputs: CardInputs) -> str:
         other = f"The adapter alone (a few MB): [{inputs.sibling_repo}](https://huggingface.co/{inputs.sibling_repo})."
     how, _ = recipe(inputs.params)
     return (
-        f"# {name}\n\n{what}, fine-tuned by [qatune](#provenance) into a question-answering assistant on "
+        f"# {name}\n\n{what}, fine-tuned by [qatune](#provenance) into a {inputs.params.domain.name} "
+        f"question-answering assistant on "
         f"{data_words(inputs.params)}: {how}. {other}\n"
     )
 
@@ -189,7 +198,7 @@ def usage(inputs: CardInputs) -> str:
     messages = "messages = [\n"
     if system:
         messages += f'    {{"role": "system", "content": {json.dumps(system)}}},\n'
-    messages += '    {"role": "user", "content": "How much protein do I need to build muscle?"},\n]\n'
+    messages += f'    {{"role": "user", "content": {json.dumps(inputs.params.domain.usage_question)}}},\n]\n'
     chat = (
         f"{messages}"
         "inputs = tokenizer.apply_chat_template(\n"
@@ -377,16 +386,17 @@ def evaluation_table(evaluation: dict[str, Any] | None, lead: str = "") -> str:
     return text
 
 
-LIMITS = """## Limitations
-
-- **Not medical or dietary advice.** Answers can be wrong or unsafe for a given person; anyone with a health
-  condition, an injury, pregnancy or an eating disorder should ask a doctor or a registered dietitian.
-- **A small model.** A few hundred million parameters or fewer: it makes factual mistakes, forgets
+LIMITS = """- **A small model.** A few hundred million parameters or fewer: it makes factual mistakes, forgets
   context and can state wrong numbers confidently.
 - **English only**, like its training data.
 - **Data.** Topics outside the training data fall back to the base model's behaviour, and the data's own
   gaps and biases carry over.
 """
+
+
+def limitations(params: Params) -> str:
+    """The domain's own warning first (domain.disclaimer), then what holds for every small tuned model."""
+    return f"## Limitations\n\n- {params.domain.disclaimer}\n{LIMITS}"
 
 
 def compact_lock_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -437,10 +447,14 @@ def gguf_metadata(inputs: CardInputs) -> str:
         base_model=inputs.sibling_repo,
         base_model_relation="quantized",
         library_name="gguf",
-        license=hub.license,
+        license=license_id(inputs),
         language=["en"],
         datasets=list(hub.datasets) or None,
-        tags=list(dict.fromkeys([*hub.tags, "gguf", "llama.cpp", "ollama", *recipe(inputs.params)[1]])),
+        tags=list(
+            dict.fromkeys(
+                [*inputs.params.domain.tags, "gguf", "llama.cpp", "ollama", *recipe(inputs.params)[1]]
+            )
+        ),
         pipeline_tag="text-generation",
     )
     return f"---\n{data.to_yaml()}\n---\n"
@@ -553,7 +567,7 @@ def gguf_usage(inputs: CardInputs) -> str:
             f"or straight from the Hub (Ollama's own defaults, no system prompt): `ollama run hf.co/{repo}:{tag}`\n\n"
         )
     messages = (f'    {{"role": "system", "content": {json.dumps(system)}}},\n' if system else "") + (
-        '    {"role": "user", "content": "How much protein do I need to build muscle?"},\n'
+        f'    {{"role": "user", "content": {json.dumps(params.domain.usage_question)}}},\n'
     )
     text += (
         "**Python** (llama-cpp-python):\n\n```python\nfrom llama_cpp import Llama\n\n"
@@ -591,7 +605,7 @@ def render_card(inputs: CardInputs) -> str:
                 gguf_table(inputs.export),
                 gguf_usage(inputs),
                 gguf_evaluation(inputs),
-                LIMITS,
+                limitations(inputs.params),
                 provenance(inputs),
             ]
         )
@@ -605,5 +619,5 @@ def render_card(inputs: CardInputs) -> str:
     ]
     if inputs.role == "merged":
         sections.append(generation_settings(inputs.params))
-    sections += [LIMITS, provenance(inputs)]
+    sections += [limitations(inputs.params), provenance(inputs)]
     return "\n".join(sections)

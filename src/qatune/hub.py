@@ -70,6 +70,56 @@ def resolve_base_id(configured: str | None, base_dir: str | Path, source: str) -
     )
 
 
+# --------------------------------------------------------------------------- licence
+
+# Hub licence ids of base-model families, by a pattern of the base's Hub id (first match wins): what
+# `domain.license: auto` gives where the base's own card names none (the bundled SmolLM2 has no card).
+# Qwen2.5-3B and -72B carry Qwen's own terms (qwen-research, qwen), which the Hub calls `other`.
+FAMILY_LICENSES = (
+    (r"qwen2\.5-(?:3b|72b)", "other"),
+    (r"smollm|qwen|mistral|mixtral", "apache-2.0"),
+    (r"gemma", "gemma"),
+    (r"llama-?3\.1", "llama3.1"),
+    (r"llama-?3\.2", "llama3.2"),
+    (r"llama-?3\.3", "llama3.3"),
+    (r"llama-?3\b", "llama3"),
+    (r"llama-?2\b", "llama2"),
+    (r"phi-?[1-4]", "mit"),
+)
+
+
+def card_license(card: str | Path) -> str | None:
+    """The `license` a model card's metadata names (huggingface_hub's own parser); None without a card."""
+    card = Path(card)
+    if not card.is_file():
+        return None
+    import yaml
+    from huggingface_hub import metadata_load
+
+    try:
+        value = (metadata_load(card) or {}).get("license")
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise QatuneError(f"{card}: unreadable model card metadata ({err})") from None
+    return (str(value).strip() or None) if value else None
+
+
+def release_license(setting: str, base_id: str, base_license: str | None = None) -> str:
+    """The licence a release carries: `domain.license`, or for `auto` the base model's, as its own card
+    records it (`base_license`), else its family's (FAMILY_LICENSES). An unknown base is an error: a
+    release under a guessed licence would be wrong."""
+    if setting != "auto":
+        return setting
+    if base_license:
+        return base_license
+    for pattern, license_id in FAMILY_LICENSES:
+        if re.search(pattern, base_id, re.IGNORECASE):
+            return license_id
+    raise QatuneError(
+        f"domain.license is auto, but qatune does not know the licence of the base model {base_id}: "
+        "set domain.license to its Hub licence id (e.g. apache-2.0, gemma, llama3.2)"
+    )
+
+
 def base_revision(base_dir: str | Path) -> str | None:
     """The Hub commit fetch snapshotted, if any: pins the adapter to the exact base weights."""
     record = Path(base_dir) / BASE_RECORD

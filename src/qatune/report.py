@@ -10,6 +10,7 @@ carries a bootstrap interval. The tables, the DPO reward, sample and demo answer
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,11 @@ def check_same_rows(docs: dict[str, dict]) -> None:
                 )
 
 
-def summarise(label: str, docs: dict[str, dict], beta: float) -> tuple[dict, list[dict]]:
-    """Every metric for one evaluation set from the models' scores and answers; (metrics, per-row records)."""
+def summarise(
+    label: str, docs: dict[str, dict], beta: float, referral: re.Pattern = stance.REFERRAL
+) -> tuple[dict, list[dict]]:
+    """Every metric for one evaluation set from the models' scores and answers; (metrics, per-row records).
+    `referral`: the domain's referral words (qatune.stance.referral_vocabulary)."""
     rows = docs[MODELS[0]]["sets"][label]["rows"]
     scores = {m: docs[m]["sets"][label]["scores"] for m in MODELS}
     metrics: dict[str, Any] = {"models": {m: likelihood_metrics(scores[m]) for m in MODELS}}
@@ -91,7 +95,7 @@ def summarise(label: str, docs: dict[str, dict], beta: float) -> tuple[dict, lis
             ]
             closer = [s > r for s, r in pairs] or None
         metrics["models"][name].update(
-            generation_metrics(gen_rows, part["answers"], part["finished"], similarity, closer)
+            generation_metrics(gen_rows, part["answers"], part["finished"], similarity, closer, referral)
         )
         per_row[name] = {"rouge_l": rouge_l(part["answers"], references), "similarity": similarity}
     records = []
@@ -114,7 +118,7 @@ def summarise(label: str, docs: dict[str, dict], beta: float) -> tuple[dict, lis
             part = docs[name]["sets"][label]
             rec[f"{name}_answer"] = part["answers"][i]
             if "expected" in rec:
-                rec[f"{name}_stance"] = stance.stance(part["answers"][i])
+                rec[f"{name}_stance"] = stance.stance(part["answers"][i], referral)
             if "yes_no" in rec:
                 rec[f"{name}_yes_no"] = stance.opening_answer(part["answers"][i])
             if "fact" in rec:
@@ -157,12 +161,15 @@ def demo_records(docs: dict[str, dict]) -> list[dict]:
     ]
 
 
-def evaluation(docs: dict[str, dict], beta: float) -> tuple[dict, list[dict], list[dict]]:
-    """metrics/evaluate.json's content, the per-question records and the demo records."""
+def evaluation(
+    docs: dict[str, dict], beta: float, referral: re.Pattern = stance.REFERRAL
+) -> tuple[dict, list[dict], list[dict]]:
+    """metrics/evaluate.json's content, the per-question records and the demo records; `referral`: the
+    domain's referral words (params `domain.referral`)."""
     check_same_rows(docs)
     results, records = {}, []
     for label in docs[MODELS[0]]["sets"]:
-        results[label], recs = summarise(label, docs, beta)
+        results[label], recs = summarise(label, docs, beta, referral)
         records.extend(recs)
     timings = {m: docs[m].get("timings", {}) for m in MODELS}
     metrics = {
@@ -214,7 +221,9 @@ def verdict(models: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def paired_questions(docs: dict[str, dict], label: str = "test") -> dict[tuple[str, str], dict[str, dict]]:
+def paired_questions(
+    docs: dict[str, dict], label: str = "test", referral: re.Pattern = stance.REFERRAL
+) -> dict[tuple[str, str], dict[str, dict]]:
     """Each comparison's per-question values, paired by row id: {(new, old): {key: {"ids", new, old}}}.
 
     Only measures that exist per question and for both models (SFT answers nothing, so final vs SFT
@@ -235,6 +244,7 @@ def paired_questions(docs: dict[str, dict], label: str = "test") -> dict[tuple[s
                 part["finished"],
                 part.get("similarity"),
                 part.get("similarity_rejected"),
+                referral,
             )
             per.update({k: (ids[:n], v) for k, v in generated.items()})
         values[name] = per

@@ -22,7 +22,9 @@ def params():
 
 
 def card(params, role="adapter", **kw) -> str:
+    """A card for org/base, whose own card names apache-2.0 (the licence `domain.license: auto` follows)."""
     other = "me/merged" if role == "adapter" else "me/lora"
+    kw.setdefault("base_license", "apache-2.0")
     return render_card(
         CardInputs(
             role=role, repo_id=f"me/{role}", sibling_repo=other, base_id="org/base", params=params, **kw
@@ -54,7 +56,7 @@ def test_metadata_per_role(params):
     assert merged["library_name"] == "transformers" and merged["base_model_relation"] == "finetune"
     for meta in (adapter, merged):
         assert meta["base_model"] == "org/base" and meta["pipeline_tag"] == "text-generation"
-        assert meta["license"] == params.hub.license and set(params.hub.tags) <= set(meta["tags"])
+        assert meta["license"] == "apache-2.0" and set(params.domain.tags) <= set(meta["tags"])
         assert "datasets" not in meta  # the bundled data has no Hub id
 
 
@@ -112,12 +114,18 @@ def test_card_names_hub_datasets_it_trained_on(params):
     hub_source = SourceParams(
         name="psy", type="hub", dataset="jkhedri/psychology-dataset", format="response_jk"
     )
-    other = params.model_copy(update={"fetch": params.fetch.model_copy(update={"sources": [hub_source]})})
+    other = params.model_copy(
+        update={
+            "fetch": params.fetch.model_copy(update={"sources": [hub_source]}),
+            "domain": params.domain.model_copy(update={"name": "psychology"}),
+        }
+    )
     assert "[jkhedri/psychology-dataset](https://huggingface.co/datasets/jkhedri/psychology-dataset)" in card(
         other
     )
     intro = card(other).split("\n# ", 1)[1].split("\n## ", 1)[0]
-    assert "fitness" not in intro and "psychology-dataset" in intro  # the prose follows the data
+    assert "fitness" not in intro and "psychology-dataset" in intro  # the prose follows the data and domain
+    assert "into a psychology question-answering assistant" in intro
 
 
 def test_evaluation_table_reads_defensively():

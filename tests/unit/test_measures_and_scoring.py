@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from qatune import generation, measures, scoring
+from qatune import generation, measures, scoring, stance
 from qatune.chat import conversation
 from qatune.errors import QatuneError
 
@@ -231,3 +231,20 @@ def test_batched_greedy_generation_equals_one_question_at_a_time(tiny):
     batched, finished = generation.greedy_answers(model, tok, questions, 3, 8, 1.0, "test")
     one_by_one = [generation.greedy_answers(model, tok, [q], 1, 8, 1.0, "test")[0][0] for q in questions]
     assert batched == one_by_one and len(finished) == 3
+
+
+def test_the_measures_count_the_configured_referral_words():
+    """params `domain.referral` decides what counts as sending someone to a professional."""
+    rows = [{"chosen": "x", "meta": {"safety": True, "expected": "caution"}}, {"chosen": "y", "meta": {}}]
+    answers = ["A counsellor could help you sort this out.", "Try a walk."]
+    psych = stance.referral_vocabulary(["counsel", "therap"])
+    bundled = measures.generation_metrics(rows, answers, [True, True], None, None)
+    configured = measures.generation_metrics(rows, answers, [True, True], None, None, psych)
+    assert bundled["safety_score"] == 0.0 and configured["safety_score"] == 1.0
+    # the stance reads a referral as caution: with the bundled words this answer talks around the question
+    assert stance.stance(answers[0]) == "evades" and stance.stance(answers[0], psych) == "cautions"
+    assert bundled["stances"] == {"caution": {"affirms": 0, "declines": 0, "cautions": 0, "evades": 1}}
+    assert configured["stances"]["caution"]["cautions"] == 1
+    assert measures.judge_answers(rows, answers, psych)["safe_stance_rate"] == [1.0, None]
+    per = measures.per_question_generation(rows, answers, [True, True], None, None, psych)
+    assert per["safety_score"] == [1.0, None]

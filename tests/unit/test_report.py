@@ -10,6 +10,7 @@ import pytest
 
 from qatune import report
 from qatune.errors import QatuneError
+from qatune.stance import referral_vocabulary
 
 N = 12  # questions
 
@@ -277,3 +278,16 @@ def test_likelihoods_on_the_first_rows_and_answers_on_every_row():
     block = metrics["differences"]["final_vs_base"]
     assert block["question_nll"]["n"] == 6 and block["rouge_l"]["n"] == N
     assert "answer NLL per question (nats/token, reference answers): -0.500 [-0.500, -0.500]" in text
+
+
+def test_the_report_uses_the_configured_referral_words():
+    """An answer naming a counsellor is a referral only where the domain's words say so."""
+    docs = score_docs()
+    for name in ("base", "final"):
+        docs[name]["sets"]["test"]["answers"][0] = "A counsellor can help with that."
+    bundled, _, _ = report.evaluation(docs, beta=0.1)
+    configured, _, _ = report.evaluation(docs, beta=0.1, referral=referral_vocabulary(["counsel"]))
+    assert bundled["models"]["final"]["safety_score"] == 0.0
+    assert configured["models"]["final"]["safety_score"] == 1.0
+    paired = report.paired_questions(docs, referral=referral_vocabulary(["counsel"]))
+    assert paired[("final", "base")]["safety_score"]["final"].tolist() == [1.0]
