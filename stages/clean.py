@@ -3,9 +3,11 @@
     python stages/clean.py --params params.yaml --raw data/raw --model models/base \
         --out data/clean/rows.jsonl --rejects data/clean/rejects.jsonl --metrics metrics/clean.json
 
-Reads `clean`, `fetch.sources` (for each source's format) and `dpo.method` from params (with kto,
-a label-false completion with no good partner is kept alone for KTO, never as an answer). Token
-lengths are measured with the base model's own tokenizer and chat template. kept + dropped == read.
+Reads `clean`, `fetch.sources` (for each source's format), `dpo.method` (with kto, a label-false
+completion with no good partner is kept alone for KTO, never as an answer) and `train.system_prompt`
+from params. Token lengths are measured as training sees a row: the base model's own tokenizer and chat
+template, the system prompt included. Over-long rows are cut to fit (clean.over_long: truncate; a prompt
+keeps its end, an answer its start) or rejected (drop). kept + dropped == read.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         c.max_length,
         c.max_field_chars,
         keep_unpaired_bad=params.dpo.method == "kto",  # KTOTrainer learns a bad answer alone
+        system_prompt=params.train.system_prompt,  # training puts it before every prompt: it takes tokens
+        over_long=c.over_long,
     )
     if not result.kept:
         first = result.rejects[0] if result.rejects else None
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.metrics, counts)
     print(
         f"clean: read {counts['read']}, kept {counts['kept']}, dropped {counts['dropped']} "
-        f"{counts['dropped_by_reason']}"
+        f"{counts['dropped_by_reason']}, truncated to the token limits {counts['truncated']}"
     )
 
 

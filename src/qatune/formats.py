@@ -76,26 +76,40 @@ TOOL_ROLES = frozenset(
 _TOOL_KEYS = ("tool_calls", "function_call")  # an OpenAI assistant turn that calls a tool
 _LABEL_TRUE = {"true", "1"}
 _LABEL_FALSE = {"false", "0"}
-_ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+# Zero-width joiners (U+200C/U+200D) stay in the text: Persian words and emoji sequences need them;
+# duplicate detection ignores them, as it did when they were removed.
+_ZERO_WIDTH = re.compile("[\u200b\u2060\ufeff]")
+_JOINERS = re.compile("[\u200c\u200d]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_SPACES = re.compile(r"[^\S\n]+")
-_MANY_NEWLINES = re.compile(r"\n{3,}")
+_TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
 _NOT_WORD = re.compile(r"[\W_]+")
 
 KTO_HINT = "only dpo.method: kto trains a bad answer alone (it is never used as an answer)"
 
 
 def normalise_text(text: str) -> str:
-    """NFC, no control or zero-width characters, single spaces, at most one blank line, stripped."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", _ZERO_WIDTH.sub("", text))
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip()
+    """The text as written, minus what no reader sees: \\n line endings, no control characters or stray
+    zero-width spaces/BOMs, NFC, no spaces at line ends, no blank lines or spaces around the whole.
+
+    Indentation, runs of spaces and tabs, and blank lines inside the text are kept byte for byte: they
+    carry the meaning of code (Python), nested markdown lists and tables. Duplicate detection compares
+    `dedup_key`, which ignores spacing, so keeping it here makes no duplicate slip through.
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = unicodedata.normalize("NFC", _CONTROL.sub("", _ZERO_WIDTH.sub("", text)))
+    return _TRAILING_SPACE.sub("", text).strip()
 
 
 def dedup_key(text: str) -> str:
     """Case-, punctuation- and spacing-insensitive form used for duplicate detection and splitting."""
-    return " ".join(_NOT_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split())
+    text = unicodedata.normalize("NFKC", _JOINERS.sub("", text)).casefold()
+    return " ".join(_NOT_WORD.sub(" ", text).split())
+
+
+def same_words(a: str, b: str) -> bool:
+    """Equal but for spacing: normalise_text keeps spacing, yet a pair that differs only there teaches
+    nothing (and was equal when spacing was collapsed)."""
+    return a.split() == b.split()
 
 
 def prompt_key(prompt: list[dict]) -> str:
@@ -634,7 +648,7 @@ def to_canonical(rec: Any, fmt: str, max_field_chars: int) -> Record:
         rejected = normalise_text(rejected)
         if not rejected:
             raise RowError("empty_field", "rejected", "the rejected answer is empty")
-        if rejected == chosen:
+        if same_words(rejected, chosen):
             raise RowError("chosen_equals_rejected", "rejected", "chosen and rejected are the same text")
     return _record(rec, fmt, prompt, chosen, rejected)
 

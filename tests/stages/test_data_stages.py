@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from tests.conftest import FIXTURES, run, write_jsonl
 
@@ -84,16 +85,42 @@ def test_bad_input_rows_become_rejects_and_counts_add_up(project, tmp_path):
     assert kept[0]["prompt"] == [{"role": "user", "content": "How long should I rest between heavy sets?"}]
 
 
-def test_token_limits_use_the_base_tokenizer(project, tmp_path):
+def test_token_limits_use_the_base_tokenizer_and_cut_or_drop(project, tmp_path):
+    from transformers import AutoTokenizer
+
+    from qatune.chat import conversation
+
     rows = [
-        {"question": "protein " * 300, "chosen": "ok", "rejected": "no"},
+        {"question": "protein " * 300 + "How much?", "chosen": "ok", "rejected": "no"},
         {"question": "Short?", "chosen": "protein " * 2000, "rejected": "no"},
         {"question": "Fine?", "chosen": "Yes.", "rejected": "No."},
     ]
     proj = project(write_jsonl(tmp_path / "long.jsonl", rows))
     stage(proj, "fetch")
     stage(proj, "clean")
+    metrics = json.loads((proj / "metrics/clean.json").read_text())
+    assert (metrics["kept"], metrics["dropped"], metrics["truncated"]) == (3, 0, {"prompt": 1, "answer": 1})
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    c, system = params["clean"], params["train"]["system_prompt"]
+    tok = AutoTokenizer.from_pretrained(proj / "models/base")
+
+    def count(messages, generation_prompt):
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    kept = read(proj / "data/clean/rows.jsonl")
+    assert kept[0]["prompt"][0]["content"].endswith("protein How much?")
+    assert kept[1]["chosen"].startswith("protein protein")
+    for row in kept:  # within the limits as training counts them, system prompt included
+        prompt = conversation(row, system)
+        assert count(prompt, True) <= c["max_prompt_length"]
+        assert count([*prompt, {"role": "assistant", "content": row["chosen"]}], False) <= c["max_length"]
+    params["clean"]["over_long"] = "drop"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    stage(proj, "clean")
     assert [r["reason"] for r in read(proj / "data/clean/rejects.jsonl")] == ["prompt_too_long", "too_long"]
+    metrics = json.loads((proj / "metrics/clean.json").read_text())
+    assert (metrics["kept"], metrics["dropped"], metrics["truncated"]) == (1, 2, {"prompt": 0, "answer": 0})
 
 
 def test_full_data_path_writes_splits_and_provenance(project):

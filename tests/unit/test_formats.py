@@ -126,13 +126,54 @@ def test_detect_unknown_is_none():
     assert detect_format({"chosen": "only one side"}) is None
 
 
-def test_normalise_text():
-    assert normalise_text("Cafe\u0301  au\tlait\r\n\n\n\nok\u200b ") == "Caf\u00e9 au lait\n\nok"
-    assert normalise_text(normalise_text(" a  b \n")) == normalise_text(" a  b \n")
+def test_normalise_text_fixes_only_what_no_reader_sees():
+    assert (
+        normalise_text("\n\n Cafe\u0301  au\tlait \r\n\r\n\r\n\rok\u200b \n\n")
+        == "Caf\u00e9  au\tlait\n\n\n\nok"
+    )
+    assert normalise_text("a\x00b\ufeff c") == "ab c"
+    assert normalise_text("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001f468\u200d\U0001f469") == (
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001f468\u200d\U0001f469"
+    )  # joiners carry meaning: a Persian word, an emoji sequence
+    for text in (" a  b \n", "x\r\n\t y \n\n\n z", "e\x00\u0301"):
+        assert normalise_text(normalise_text(text)) == normalise_text(text)
+
+
+CODE = """Use this:
+
+```python
+def protein_target(kg: float, per_kg: float = 1.6) -> float:
+    \"\"\"Grams of protein a day.\"\"\"
+    if kg <= 0:
+        raise ValueError("weight must be positive")
+    return round(kg * per_kg, 1)
+
+
+print(protein_target(80))
+```"""
+NESTED_LIST = "Plan:\n\n1. Warm up\n   - bike, 5 min\n     - easy pace\n   - leg swings\n2. Squat\n\t- 5 x 5"
+TABLE = "| food | protein |\n|:-----|--------:|\n| egg  |    6 g  |\n| tofu |    8 g  |"
+
+
+@pytest.mark.parametrize("text", [CODE, NESTED_LIST, TABLE], ids=["python", "nested_list", "table"])
+def test_code_lists_tables_and_tabs_survive_byte_for_byte(text):
+    assert normalise_text(text) == text
+    assert (
+        normalise_text(text.replace("\n", "\r\n") + "  \r\n") == text
+    )  # Windows line endings, a trailing space
+    out = canon({"prompt": f"Explain:\n\n{text}", "chosen": text, "rejected": "No."})
+    assert out["prompt"][0]["content"] == f"Explain:\n\n{text}" and out["chosen"] == text
+
+
+def test_answers_that_differ_only_in_spacing_are_equal():
+    with pytest.raises(RowError) as err:
+        canon({"prompt": "Q?", "chosen": "Rest  two\nminutes.", "rejected": "Rest two minutes."})
+    assert err.value.reason == "chosen_equals_rejected"
 
 
 def test_dedup_key_ignores_case_punctuation_spacing():
     assert dedup_key("How much  PROTEIN?!") == dedup_key("how much protein")
+    assert dedup_key("pro\u200dtein\n\n  intake\t") == dedup_key("protein intake")
 
 
 # --------------------------------------------------------------------------- formats users bring
