@@ -12,6 +12,8 @@ llama.cpp's tokenizer gives the same ids, whether its own greedy answer is the s
 over `export.tolerance` fails the stage in one line. models/gguf also gets an Ollama Modelfile (the model's
 own chat template as a Go TEMPLATE, the system prompt and the `generate` defaults). A model family the
 converter does not support is said in one line and leaves a note instead of files; the stage succeeds.
+Every answer, in transformers and in llama.cpp, ends at the tokens qatune.generation.stop_tokens finds (the
+chat template's end-of-turn token and the eos tokens); the Modelfile lists them as `PARAMETER stop`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from qatune import export, modeling
 from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.generation import StopTokens, stop_tokens
 from qatune.io import write_json
 from qatune.params import Params, load_params
 from qatune.provenance import peak_memory_gb, require
@@ -45,6 +48,7 @@ def reference(params: Params, merged_dir: str):
         merged_dir, (), "float32", "cpu", params.train.trust_remote_code
     )
     kwargs = template_kwargs(tokenizer.chat_template, params.train.enable_thinking)
+    stops = stop_tokens(tokenizer, model.generation_config, kwargs)
     texts, ids, starts, logprobs, top1, answers = [], [], [], [], [], []
     generated = elapsed = 0
     for row in demo_rows(cfg.check_prompts):
@@ -57,7 +61,7 @@ def reference(params: Params, merged_dir: str):
                 torch.tensor([prompt_ids]),
                 max_new_tokens=cfg.check_new_tokens,
                 do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops.ids,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )[0].tolist()
         elapsed += time.perf_counter() - start
@@ -74,11 +78,14 @@ def reference(params: Params, merged_dir: str):
         answers.append(answer)
     ref = export.Reference(ids=ids, answer_start=starts, logprobs=logprobs, top1=top1)
     speed = round(generated / elapsed, 1) if elapsed else None
-    return ref, tokenizer, kwargs, texts, answers, speed
+    return ref, tokenizer, kwargs, texts, answers, speed, stops
 
 
-def check_file(path: Path, ref, texts: list[str], answers: list[list[int]], threads: int) -> dict:
-    """Load one GGUF with llama.cpp and measure it against the merged model."""
+def check_file(
+    path: Path, ref, texts: list[str], answers: list[list[int]], threads: int, stops: StopTokens
+) -> dict:
+    """Load one GGUF with llama.cpp and measure it against the merged model; llama.cpp's greedy answer
+    stops at its end-of-generation tokens or at `stops`' texts, and leaves the stop token out."""
     llama_cpp = export.llama_cpp_module()
     n_ctx = max(len(ids) for ids in ref.ids) + 16
     with export.stderr_to(path.parent / "llama.log"):
@@ -94,12 +101,17 @@ def check_file(path: Path, ref, texts: list[str], answers: list[list[int]], thre
         llm.reset()
         began = time.perf_counter()
         out = llm.create_completion(
-            ids[:start], max_tokens=len(answer) or 1, temperature=0.0, repeat_penalty=1.0, top_k=1
+            ids[:start],
+            max_tokens=len(answer) or 1,
+            temperature=0.0,
+            repeat_penalty=1.0,
+            top_k=1,
+            stop=stops.texts,
         )
         elapsed += time.perf_counter() - began
         got = llm.tokenize(out["choices"][0]["text"].encode(), add_bos=False, special=True)
         generated += out["usage"]["completion_tokens"]
-        same_answers += got == [t for t in answer if t != llm.token_eos()]
+        same_answers += got == [t for t in answer if t not in stops.ids]
     row["same_tokenization"] = f"{same_tokens}/{len(texts)}"
     row["same_greedy_answer"] = f"{same_answers}/{len(texts)}"
     row["tokens_per_s"] = round(generated / elapsed, 1) if elapsed else None
@@ -149,10 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     if source_type not in cfg.quantizations:
         source.unlink()  # only the working file for the quantiser
 
-    ref, tokenizer, kwargs, texts, answers, merged_speed = reference(params, args.merged)
+    ref, tokenizer, kwargs, texts, answers, merged_speed, stops = reference(params, args.merged)
     files, failures = [], []
     for quant in cfg.quantizations:
-        row = {"quant": quant, **check_file(out / export.file_name(quant), ref, texts, answers, threads)}
+        checked = check_file(out / export.file_name(quant), ref, texts, answers, threads, stops)
+        row = {"quant": quant, **checked}
         row["tolerance"] = cfg.tolerance[quant]
         files.append(row)
         if row["mean_abs_logprob_diff"] > cfg.tolerance[quant]:
@@ -162,9 +175,11 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     system = params.train.system_prompt
-    template, stop = export.ollama_template(tokenizer, kwargs, has_system=bool(system))
+    template = export.ollama_template(tokenizer, kwargs, has_system=bool(system))
     (out / "Modelfile").write_text(
-        export.modelfile(export.file_name(cfg.modelfile_quant), template, stop, system, params.generate),
+        export.modelfile(
+            export.file_name(cfg.modelfile_quant), template, stops.texts, system, params.generate
+        ),
         encoding="utf-8",
     )
     merged_bytes = sum(p.stat().st_size for p in Path(args.merged).glob("*.safetensors"))

@@ -6,7 +6,10 @@
 Reads `train.system_prompt`, `train.enable_thinking`, `train.trust_remote_code` and `merge`. Runs on the
 GPU in `merge.dtype` where qatune.plan finds that it fits the card (never a float32 copy of a 16-bit model,
 never the 4-bit base an adapter may have trained on), else on the CPU in float32. Writes a plain safetensors
-model in `merge.dtype` with tokenizer, chat template and generation config (eos set), plus qatune_provenance.json.
+model in `merge.dtype` with tokenizer, chat template and generation config, plus qatune_provenance.json. The
+generation config's eos_token_id lists every token that ends an answer (qatune.generation.stop_tokens: the
+template's end-of-turn token first, such as Gemma's <end_of_turn>, then the eos ids), so a plain
+`model.generate` of the published model stops where the chat template ends a turn.
 Verified: logits of the merged model (in memory, and reloaded from disk in the saved dtype) against the
 adapter model on sample prompts; the largest difference is recorded, and over tolerance is an error.
 """
@@ -22,6 +25,7 @@ from qatune import hardware, modeling, plan
 from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
+from qatune.generation import stop_tokens
 from qatune.io import write_json
 from qatune.params import load_params
 from qatune.provenance import PROVENANCE_FILE, git_commit, peak_memory_gb, require, write_provenance
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     merged = merged.to(getattr(torch, cfg.dtype))
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    stops = stop_tokens(tokenizer, merged.generation_config, kwargs)
+    merged.generation_config.eos_token_id = stops.eos_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -165,9 +165,9 @@ def compare(llm, ref: Reference) -> dict[str, float]:
     }
 
 
-def ollama_template(tokenizer, template_kwargs: dict, has_system: bool) -> tuple[str, str]:
+def ollama_template(tokenizer, template_kwargs: dict, has_system: bool) -> str:
     """The chat template as an Ollama (Go) TEMPLATE for one system + user turn, derived by rendering the
-    model's own Jinja template with marker strings, and the text that ends an answer (its stop string).
+    model's own Jinja template with marker strings. Its stop strings are qatune.generation.stop_tokens'.
 
     Exact for the single-turn prompts the model was trained on, whatever the family: the pieces around
     the markers are the template's own text. The BOS token is left out when llama.cpp adds it itself.
@@ -197,8 +197,7 @@ def ollama_template(tokenizer, template_kwargs: dict, has_system: bool) -> tuple
     bos = tokenizer.bos_token or ""
     if bos and adds_bos(tokenizer):
         text = text.replace(bos, "", 1)  # llama.cpp (and Ollama) add BOS themselves, as the tokenizer does
-    stop = answer_end.strip() or (tokenizer.eos_token or "")
-    return f"{text}{{{{ .Prompt }}}}{after_user}{{{{ .Response }}}}{answer_end}", stop
+    return f"{text}{{{{ .Prompt }}}}{after_user}{{{{ .Response }}}}{answer_end}"
 
 
 def adds_bos(tokenizer) -> bool:
@@ -208,8 +207,9 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
-def modelfile(gguf_name: str, template: str, stop: str, system: str | None, generate) -> str:
-    """An Ollama Modelfile: the GGUF, the model's own chat template, system prompt and sampling defaults."""
+def modelfile(gguf_name: str, template: str, stops: list[str], system: str | None, generate) -> str:
+    """An Ollama Modelfile: the GGUF, the model's own chat template, system prompt, sampling defaults and
+    one `PARAMETER stop` per text that ends an answer (the end-of-turn token and every eos token)."""
     lines = [
         "# Ollama: ollama create qatune -f Modelfile && ollama run qatune",
         f"FROM ./{gguf_name}",
@@ -223,6 +223,5 @@ def modelfile(gguf_name: str, template: str, stop: str, system: str | None, gene
         f"PARAMETER repeat_penalty {generate.repetition_penalty}",
         f"PARAMETER num_predict {generate.max_new_tokens}",
     ]
-    if stop:
-        lines.append(f'PARAMETER stop "{stop}"')
+    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,99 @@
 """Batched greedy answers from a model in memory: evaluate's answers to the test questions and the dpo
 stage's on-policy rejected answers both come from `greedy_answers`. Interactive, sampled and streamed
-answers for people are qatune.inference's.
+answers for people are qatune.inference's. Every generation path stops where `stop_tokens` says.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from qatune.chat import conversation
+
+ANSWER_MARK = "\x00ANSWER\x00"  # a stand-in answer no template rewrites, to find the text after it
+
+
+@dataclass(frozen=True)
+class StopTokens:
+    """The tokens that end an answer: `ids` for transformers' generate, `texts` for llama.cpp and Ollama.
+    The chat template's end-of-turn token comes first, then the tokenizer's and generation config's eos."""
+
+    ids: list[int]
+    texts: list[str]
+
+    @property
+    def eos_token_id(self) -> int | list[int]:
+        """For generation_config.json: one id stays an int, as transformers writes it; several, a list."""
+        return self.ids[0] if len(self.ids) == 1 else list(self.ids)
+
+
+def after_answer(render) -> str:
+    """The text a chat template writes right after an assistant message, from `render(messages)` of one
+    user turn and one answer; "" when the template cannot render that or rewrites the answer."""
+    messages = [
+        {"role": "user", "content": "\x00PROMPT\x00"},
+        {"role": "assistant", "content": ANSWER_MARK},
+    ]
+    try:
+        text = render(messages)
+    except Exception:  # no chat template, or one that refuses this conversation: eos alone then
+        return ""
+    return text.split(ANSWER_MARK, 1)[1] if ANSWER_MARK in text else ""
+
+
+def stop_tokens(tokenizer, generation_config=None, template_kwargs: dict | None = None) -> StopTokens:
+    """Every token that ends an answer. The end-of-turn token is the first special token the chat template
+    writes after an answer: Gemma's <end_of_turn>, Llama 3's <|eot_id|>, Qwen's <|im_end|>, Mistral's </s>.
+    It often differs from the eos token (Gemma's <eos>, Llama 3 base's <|end_of_text|>), and a model trained
+    on the template ends its turn with it; the tokenizer's and generation config's eos ids stop it too."""
+
+    def render(messages: list[dict]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **(template_kwargs or {}))
+
+    special = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder)
+    after = tokenizer(after_answer(render), add_special_tokens=False)["input_ids"]
+    end_of_turn = next((i for i in after if i in special), None)
+    config_eos = getattr(generation_config, "eos_token_id", None)
+    config_eos = config_eos if isinstance(config_eos, list) else [config_eos]
+    ids = [i for i in dict.fromkeys([end_of_turn, tokenizer.eos_token_id, *config_eos]) if i is not None]
+    texts = [tokenizer.convert_ids_to_tokens(i) for i in ids]
+    return StopTokens(ids, [t for t in texts if t])
+
+
+def gguf_chat_formatter(llm, add_generation_prompt: bool = True, stop_token_ids: list[int] | None = None):
+    """llama-cpp-python's renderer of the chat template stored in a GGUF (`llama_cpp.Llama`), with the file's
+    bos and eos texts, as `Llama.create_chat_completion` renders it; None when the file has no template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return Jinja2ChatFormatter(
+        template,
+        eos_token=gguf_token_text(llm, eos) if eos >= 0 else "",
+        bos_token=gguf_token_text(llm, bos) if bos >= 0 else "",
+        add_generation_prompt=add_generation_prompt,
+        stop_token_ids=stop_token_ids,
+    )
+
+
+def gguf_token_text(llm, token: int, special: bool = True) -> str:
+    return llm.detokenize([token], special=special).decode("utf-8", errors="replace")
+
+
+def gguf_stop_tokens(llm) -> StopTokens:
+    """`stop_tokens` for a GGUF loaded in llama.cpp: the same rule on the chat template stored in the file,
+    then the file's eos and end-of-turn (eot) tokens. A special token there is a control token: one that
+    llama.cpp writes as text only when asked for special tokens."""
+    formatter = gguf_chat_formatter(llm, add_generation_prompt=False)
+    after = after_answer(lambda messages: formatter(messages=messages).prompt) if formatter else ""
+    after_ids = llm.tokenize(after.encode(), add_bos=False, special=True) if after else []
+    end_of_turn = next(
+        (t for t in after_ids if gguf_token_text(llm, t) and not gguf_token_text(llm, t, special=False)), None
+    )
+    candidates = [end_of_turn, llm.token_eos(), llm._model.token_eot()]
+    ids = [i for i in dict.fromkeys(candidates) if i is not None and i >= 0]
+    return StopTokens(ids, [t for t in (gguf_token_text(llm, i) for i in ids) if t])
 
 
 def greedy_answers(
@@ -19,7 +107,7 @@ def greedy_answers(
     template_kwargs: dict | None = None,
 ) -> tuple[list[str], list[bool]]:
     """Greedy answers to chat prompts, batched with left padding and the KV cache; (answers, finished
-    with an end-of-turn token). Prompts are sorted by length so a batch carries little padding.
+    with a token of `stop_tokens`). Prompts are sorted by length so a batch carries little padding.
     `template_kwargs` are the chat template's variables (qatune.chat.template_kwargs)."""
     import torch
     from tqdm.auto import tqdm
@@ -33,9 +121,7 @@ def greedy_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     finished: list[bool] = [False] * len(prompts)
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = stop_tokens(tokenizer, model.generation_config, template_kwargs).ids
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -52,7 +138,7 @@ def greedy_answers(
                         do_sample=False,
                         repetition_penalty=repetition_penalty,
                         pad_token_id=pad_id,
-                        eos_token_id=sorted(eos_ids),
+                        eos_token_id=eos_ids,
                         use_cache=True,
                         temperature=None,
                         top_p=None,

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from qatune import hardware, modeling
 from qatune.chat import conversation, template_kwargs
 from qatune.errors import QatuneError
+from qatune.generation import gguf_chat_formatter, gguf_stop_tokens, stop_tokens
 from qatune.params import GenerateParams
 
 # Only part of the free memory goes to the KV cache: the forward pass also needs activations and a
@@ -208,6 +209,12 @@ def load_gguf(path: Path, n_ctx: int = 4096) -> Loaded:
     llama_cpp = llama_cpp_module()
     with stderr_to(Path(os.devnull)):
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=os.cpu_count(), verbose=False)
+    # the file's own chat template, as llama-cpp-python uses it, stopping at every end-of-turn token too
+    # (llama.cpp itself stops only at the tokens its vocabulary marks as end of generation)
+    llm.chat_handler = None
+    formatter = gguf_chat_formatter(llm, stop_token_ids=gguf_stop_tokens(llm).ids)
+    if formatter is not None:
+        llm.chat_handler = formatter.to_chat_handler()
     quant = path.stem.removeprefix("model-")
     return Loaded(llm, None, "cpu", f"llama.cpp {quant}", str(path), backend="llama.cpp")
 
@@ -291,6 +298,8 @@ def stream_answer(
     failure: list[BaseException] = []
     pad_id = loaded.tokenizer.pad_token_id
     pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
+    # the template's end-of-turn token (Gemma's <end_of_turn>, not only its <eos>) ends the answer
+    stop_ids = stop_tokens(loaded.tokenizer, loaded.model.generation_config, loaded.template_kwargs).ids
 
     def run() -> None:
         try:
@@ -299,7 +308,7 @@ def stream_answer(
                     **inputs,
                     streamer=streamer,
                     max_new_tokens=allowed,
-                    eos_token_id=loaded.tokenizer.eos_token_id,
+                    eos_token_id=stop_ids,
                     pad_token_id=pad_id,
                     stopping_criteria=StoppingCriteriaList([StopWhenSet()]),
                     **sampling_kwargs(settings),

@@ -11,6 +11,7 @@ from typing import Any
 from qatune.chat import conversation
 from qatune.errors import QatuneError
 from qatune.formats import RowError, to_canonical
+from qatune.generation import stop_tokens
 
 
 def read_eval_file(path: str, fmt: str, max_field_chars: int = 20000) -> list[dict[str, Any]]:
@@ -44,8 +45,9 @@ def encode_pairs(
     field: str,
     template_kwargs: dict | None = None,
 ) -> list[tuple[list[int], int]]:
-    """(token ids, answer start) per row: the chat-templated prompt, then the answer and end of turn."""
-    end = tokenizer.eos_token_id
+    """(token ids, answer start) per row: the chat-templated prompt, then the answer and end of turn (the
+    token the template closes an answer with: Gemma's <end_of_turn>, not its <eos>)."""
+    end = next(iter(stop_tokens(tokenizer, template_kwargs=template_kwargs).ids), None)
     out = []
     for row in rows:
         prompt_ids = tokenizer.apply_chat_template(
