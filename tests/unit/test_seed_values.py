@@ -151,6 +151,7 @@ SEED001_LORA = {
 # ---------------------------------------------------------------- seed 002: gemma-2b-it SFT on response_j
 SEED002 = {
     "base_model.source": "google/gemma-2b-it",
+    "train.backend": "transformers",  # "Framework: Hugging Face Transformers"
     "fetch.sources[].type": ["hub"],
     "fetch.sources[].dataset": ["jkhedri/psychology-dataset"],
     "fetch.sources[].format": ["response_jk"],  # question, response_j (trained), response_k (excluded)
