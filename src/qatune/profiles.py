@@ -232,8 +232,8 @@ def _mark(node, key, text: str, line_length: int) -> None:
         token.value = "\n".join([text, *lines[rest:]]) if rest < len(lines) else text + "\n"
         return
     columns = [t[2].column for t in node.ca.items.values() if t and len(t) > 2 and t[2] is not None]
-    fits = [c for c in columns if c > line_length]
-    node.yaml_add_eol_comment(text, key, column=min(fits) if fits else line_length + 2)
+    fits = [c for c in columns if line_length + 2 < c <= line_length + 12]  # the block's column, when near
+    node.yaml_add_eol_comment(text, key, column=min(fits) if fits else line_length + 3)
 
 
 def render(name: str, folder: Path = PROFILES_DIR, defaults: str | Path = DEFAULTS_FILE) -> str:
