@@ -51,7 +51,7 @@ def reference(params: Params, merged_dir: str):
     stops = stop_tokens(tokenizer, model.generation_config, kwargs)
     texts, ids, starts, logprobs, top1, answers = [], [], [], [], [], []
     generated = elapsed = 0
-    for row in demo_rows(cfg.check_prompts):
+    for row in demo_rows(cfg.check_prompts, params.domain.demo_questions):
         messages = conversation(row, params.train.system_prompt)
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

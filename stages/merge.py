@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
             add_generation_prompt=True,
             **kwargs,
         )
-        for row in demo_rows(cfg.check_prompts)
+        for row in demo_rows(cfg.check_prompts, params.domain.demo_questions)
     ]
     reference = logits(model, tokenizer, prompts)
 

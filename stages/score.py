@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         generate_rows, max_new = params.evaluate.generate_rows, params.evaluate.max_new_tokens
         model.to(getattr(torch, hardware.placement("generate", hw)[1]))
         asked = {label: rows[: generate_rows or None] for label, rows in sets.items()}
-        asked["demo"] = demo_rows()
+        asked["demo"] = demo_rows(questions=params.domain.demo_questions)
         questions = [conversation(r, system_prompt) for rows in asked.values() for r in rows]
         t0 = time.perf_counter()
         penalty = params.evaluate.repetition_penalty

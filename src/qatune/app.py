@@ -1,6 +1,6 @@
 """The Gradio chat app behind `qatune chat`: streamed answers, sampling sliders, a queue.
 
-    qatune chat                      # http://127.0.0.1:7860, settings from params.yaml `generate`/`chat`
+    qatune chat                      # http://127.0.0.1:7860, params.yaml `generate`, `chat`, `domain`
     qatune chat --mode adapter --port 7861
 
 Local only by default (chat.host 127.0.0.1, no gradio.live link unless chat.share or --share). One
@@ -90,9 +90,8 @@ def description(params: Params, loaded: inference.Loaded) -> str:
     """What this run did to the model (from params, as the model cards say it) and what is serving."""
     how, _ = recipe(params)
     return (
-        f"A LoRA fine-tune by qatune: {how}. Answers are generated and can be wrong: check anything that "
-        f"matters for your health with a professional.  \nModel: `{loaded.source}` on {loaded.device} "
-        f"({loaded.dtype})."
+        f"A LoRA fine-tune by qatune: {how}.  \n{params.domain.disclaimer}  \n"
+        f"Model: `{loaded.source}` on {loaded.device} ({loaded.dtype})."
     )
 
 
@@ -116,11 +115,11 @@ def build_app(loaded: inference.Loaded, params: Params, settings: GenerateParams
         additional_inputs=sliders,
         additional_inputs_accordion=gr.Accordion("Generation settings", open=True),
         # One-item rows: shown as cards in the empty chat, answered with the sliders' current values.
-        examples=[[q] for q in demo_questions(EXAMPLES)],
+        examples=[[q] for q in demo_questions(EXAMPLES, params.domain.demo_questions)],
         cache_examples=False,
-        title=params.chat.title,
+        title=params.domain.title,
         description=description(params, loaded),
-        textbox=gr.Textbox(placeholder=params.chat.placeholder or None, submit_btn=True),
+        textbox=gr.Textbox(placeholder=params.domain.placeholder or None, submit_btn=True),
         analytics_enabled=False,
         api_name="chat",
     )

@@ -1,7 +1,7 @@
 """`qatune`: talk to the fine-tuned model.
 
-    qatune ask "How much protein do I need to build muscle?"   # streams the answer to stdout
-    qatune ask --mode adapter --temperature 0 "Is creatine safe?"
+    qatune ask "How much water should I drink a day?"         # streams the answer to stdout
+    qatune ask --mode adapter --temperature 0 "Is it safe to skip breakfast?"
     qatune ask --mode gguf "How long should I rest between sets?"   # the GGUF export, in llama.cpp
     echo "What should I eat before a run?" | qatune ask -
     qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load

@@ -2,21 +2,21 @@
 
 A fact-bearing row carries its key fact as one short string, e.g.
 
-    "1.6-2.2 g/kg protein"     1.6 to 2.2 grams of protein per kilogram of body weight
+    "1.6-2.2 g/kg"             1.6 to 2.2 grams per kilogram of body weight
     "150-300 min/week"         150 to 300 minutes (of moderate activity) a week
     "7-9 h sleep"              7 to 9 hours, in a sentence about sleep
     "4 kcal/g"                 4 kilocalories per gram
 
 that is, VALUE UNIT [SUBJECT ...]. VALUE is a number or a range (`lo-hi`); UNIT is one of UNITS, optionally
 `/per` (g/kg, min/week, mg/day, kcal/g, g/h, days/week, ...); each SUBJECT word must appear in the sentence
-that holds the number (a prefix match: `protein` also matches `proteins`), which keeps a number for another
-quantity in the same answer (20 g of protein in a sentence about creatine) from counting.
+that holds the number (a prefix match: `sleep` also matches `sleeping`), which keeps a number for another
+quantity in the same answer (8 hours of fasting, in a sentence that does not mention sleep) from counting.
 
 An answer *states* the fact when some mention of the quantity lies inside the accepted range (a relative
 tolerance of 10% on each end, for rounding: 2.2 g/kg covers 2.4, 1 L covers 1.1); it *contradicts* the fact
 when some mention shares no value with that range (3-4 g/kg for 1.6-2.2). A mention that only overlaps it
 ("150-300 minutes a week" for a fact of 150, "1-3 g/kg" for 1.6-2.2) is neither: imprecise, not wrong. Both can hold (a hedging answer). A mention is a number or a range
-followed by the unit, and, for a `/per` unit, the `per` word within a few words after it ("1.6 g of protein
+followed by the unit, and, for a `/per` unit, the `per` word within a few words after it ("1.6 g of it
 per kg", "150 minutes of brisk walking a week"). Numbers may be written with digits (1,500 / 2.5 / ½) or as
 words up to twenty.
 """
@@ -76,7 +76,7 @@ PER: dict[str, str] = {
     "muscle": r"muscle",
     "min": r"min\b|minute",
 }
-PER_WINDOW = 6  # words between the unit and its `per` part ("1.6 g of protein per kilogram of body weight")
+PER_WINDOW = 6  # words between the unit and its `per` part ("1.6 g of it per kilogram of body weight")
 _WORD_NUMBERS = {
     w: i
     for i, w in enumerate(
@@ -155,7 +155,7 @@ def parse_fact(text: str) -> Fact:
     """A row's `fact` string -> Fact; a one-line QatuneError naming what is wrong."""
     parts = text.split()
     if len(parts) < 2:
-        raise QatuneError(f"fact {text!r}: expected 'VALUE UNIT [SUBJECT ...]', e.g. '1.6-2.2 g/kg protein'")
+        raise QatuneError(f"fact {text!r}: expected 'VALUE UNIT [SUBJECT ...]', e.g. '7-9 h sleep'")
     value, unit, subject = parts[0], parts[1], tuple(p.lower() for p in parts[2:])
     m = re.fullmatch(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?", value.replace(",", ""))
     if not m:

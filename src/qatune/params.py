@@ -70,6 +70,10 @@ class CleanParams(Strict):
     max_field_chars: int = Field(
         ge=100, description="characters; longer fields are rejected before tokenising"
     )
+    over_long: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="truncate: an over-long prompt keeps its end, an answer its start; drop: reject the row",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> CleanParams:
@@ -342,8 +346,6 @@ class GenerateParams(Strict):
 
 
 class ChatParams(Strict):
-    title: str = Field("qatune: fitness & nutrition QA", min_length=1, description="the app's heading")
-    placeholder: str = Field("Ask a fitness or nutrition question…", description="the empty question box")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 only when you mean it")
     port: int = Field(7860, ge=1, le=65535)
     share: bool = Field(False, description="a public gradio.live link; off unless asked")
@@ -372,9 +374,39 @@ class HubParams(Strict):
     base_model_id: str | None = Field(
         None, description="Hub id of the base written into cards/adapter config; null = from models/base"
     )
-    license: str = "apache-2.0"
     datasets: list[str] = Field(default_factory=list, description="Hub dataset ids for the card metadata")
-    tags: list[str] = Field(default_factory=lambda: ["qatune", "fitness", "nutrition"])
+
+
+# A list given inline, or `bundled` (the list qatune ships for its bundled dataset), or a text file path
+# (one item a line, `#` comments).
+WordList = Annotated[list[str], Field(min_length=1)] | str
+
+
+class DomainParams(Strict):
+    """What the bot is about: the texts the chat app and the model cards show, the questions they ask, the
+    words that count as sending someone to a professional, and the Hub tags and licence of a release. No
+    defaults: the domain is data, written in params.yaml or a profile, never in code."""
+
+    name: str = Field(min_length=1, description="the subject, in words (model cards: 'a ... assistant')")
+    title: str = Field(min_length=1, description="the chat app's heading")
+    placeholder: str = Field(description="the chat app's empty question box")
+    disclaimer: str = Field(
+        min_length=1, description="markdown: the app's note under its heading and the cards' first limitation"
+    )
+    demo_questions: WordList = Field(
+        description="questions not in the dataset: chat examples, report answers, merge/export checks"
+    )
+    referral: WordList = Field(
+        description="regular expressions naming a professional or urgent care (case-insensitive): the "
+        "safety measures' referral words and the stance's 'cautions'"
+    )
+    usage_question: str = Field(min_length=1, description="the question in the model cards' code examples")
+    tags: list[str] = Field(description="Hub tags; the method tags (sft, dpo or kto, lora) are added")
+    license: str = Field(
+        "auto",
+        min_length=1,
+        description="Hub licence id of a release; auto = the base model's (its card, else its family)",
+    )
 
 
 class Params(Strict):
@@ -394,6 +426,7 @@ class Params(Strict):
     generate: GenerateParams
     chat: ChatParams
     hub: HubParams
+    domain: DomainParams
 
     @model_validator(mode="after")
     def _splits_exist(self) -> Params:

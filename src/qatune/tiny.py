@@ -9,6 +9,7 @@ with a ChatML chat template; the model is a random 2-layer config of the chosen 
 from __future__ import annotations
 
 import argparse
+from importlib import resources
 from pathlib import Path
 
 CHATML = (
@@ -44,13 +45,8 @@ SPECIALS = [
 # other tiny vocabularies that tests already rely on).
 MISTRAL_SPECIALS = ["<s>", "</s>"]
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "mistral": "mistral"}
-CORPUS = (
-    "How much protein do I need to build muscle? Aim for 1.6 to 2.2 grams per kilogram of body weight per day. "
-    "Squat, bench press and deadlift three times a week with progressive overload. Sleep seven to nine hours. "
-    "Drink water, eat vegetables, fruit, whole grains and lean meat. Walk 8000 steps. Stop if you feel chest pain "
-    "and see a doctor. Creatine monohydrate 3 to 5 g a day is safe for healthy adults. Warm up before lifting. "
-    "user assistant system What should I eat before a run? Carbohydrate 1 to 4 g/kg one to four hours before. "
-)
+# The throwaway tokenizer's training text: a few sentences of the bundled dataset's kind (no trailing newline).
+CORPUS = (resources.files("qatune") / "data" / "tiny_corpus.txt").read_text(encoding="utf-8")
 
 
 def build_tokenizer(vocab_size: int = 400, family: str = "llama"):

@@ -201,7 +201,7 @@ def trainable_to_float32(model) -> int:
 def fingerprint(params_blocks: dict[str, Any], *inputs: str) -> str:
     """What a run's checkpoints belong to: the params blocks the stage reads, its input digests, the code.
 
-    Editing a key no training stage reads (hub.tags, chat.port) leaves the checkpoints usable.
+    Editing a key no training stage reads (domain.tags, chat.port) leaves the checkpoints usable.
     """
     return json.dumps({"params": params_blocks, "inputs": inputs, "code": code_digest()}, sort_keys=True)
 

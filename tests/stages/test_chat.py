@@ -197,7 +197,7 @@ def test_app_defaults_are_local_and_queued(loaded, chat_project: Path):
     assert app.launch_kwargs(params.chat) == {"server_name": "127.0.0.1", "server_port": 7860, "share": False}
     assert app.launch_kwargs(params.chat, host="0.0.0.0", port=9000, share=True)["share"] is True
     demo = app.build_app(loaded, params, params.generate)
-    assert demo.title == params.chat.title == "qatune: fitness & nutrition QA"
+    assert demo.title == params.domain.title == "qatune: fitness & nutrition QA"
     assert "then direct preference optimisation" in demo.description  # the recipe params.yaml ran
     kto = params.model_copy(update={"dpo": params.dpo.model_copy(update={"method": "kto"})})
     assert "then KTO on answers labelled good or bad" in app.description(kto, loaded)
@@ -292,7 +292,7 @@ def test_chat_in_a_real_browser(chat_server: str, tmp_path: Path):
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(chat_server)
             expect(page.get_by_text("Temperature (0 = greedy)")).to_be_visible(timeout=30_000)
-            expect(page.get_by_text("qatune: fitness & nutrition QA")).to_be_visible()  # chat.title
+            expect(page.get_by_text("qatune: fitness & nutrition QA")).to_be_visible()  # domain.title
             expect(page.get_by_placeholder("Ask a fitness or nutrition question…")).to_be_visible()
             expect(page.get_by_text("Max new tokens")).to_be_visible()
             box = page.get_by_test_id("textbox")  # its placeholder goes once the chat has messages

@@ -122,6 +122,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Pat
     base = proj / "models" / "base"
     shutil.copytree(tiny_model_dir, base)
     (base / "qatune_base.json").write_text(json.dumps({"source": str(tiny_model_dir), "hub_id": HUB_BASE_ID}))
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n")  # what domain.license: auto follows
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = get_peft_model(

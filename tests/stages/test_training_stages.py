@@ -198,7 +198,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(project):
     proc.wait()
     assert not (proj / "metrics/sft.json").exists()
     params = yaml.safe_load((proj / "params.yaml").read_text())
-    params["hub"]["tags"] = ["edited-after-the-kill"]
+    params["domain"]["tags"] = ["edited-after-the-kill"]
     params["chat"]["port"] = 7999
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     stage(proj, "sft")
