@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
 from qatune.errors import QatuneError
-from qatune.hardware import placement, score_dtype, select_checkpoint_layers, select_precision, training_dtype
+from qatune.hardware import placement, score_dtype, select_checkpoint_layers
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MACHINES = {
     "cpu": {"cuda": False, "cuda_bf16": False, "cpu_bf16": False},
@@ -36,19 +41,50 @@ def test_placement_table(stage, machine):
     assert " ".join(placement(purpose, MACHINES[machine])) == expected
 
 
-@pytest.mark.parametrize(
-    ("machine", "precision", "weights"),
-    [
-        ("cpu", "fp32", "float32"),  # load_base: float32 on CPU, bf16 autocast where the CPU has it
-        ("cpu+bf16", "bf16", "float32"),
-        ("cuda+bf16", "bf16", "bfloat16"),
-        ("cuda fp16-only (T4)", "fp16", "float16"),  # never bf16 weights on a GPU without bf16
-    ],
-)
-def test_training_precision_and_weights(machine, precision, weights):
-    hw = MACHINES[machine]
-    assert select_precision("auto", hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"]) == precision
-    assert (training_dtype(precision) if hw["cuda"] else "float32") == weights
+# (is there CUDA, its compute capability, AVX512-BF16/AMX on the CPU) -> train.precision auto, base weights
+TRAINING_MACHINES = {
+    "cpu": (False, None, False, "fp32", "float32"),
+    "cpu+bf16": (False, None, True, "bf16", "float32"),  # fp32 weights under bf16 autocast
+    "V100 (sm70)": (True, (7, 0), True, "fp16", "float16"),  # bf16 only emulated there: never bf16 weights
+    "T4 (sm75)": (True, (7, 5), True, "fp16", "float16"),
+    "A100 (sm80)": (True, (8, 0), False, "bf16", "bfloat16"),
+    "H100 (sm90)": (True, (9, 0), False, "bf16", "bfloat16"),
+}
+
+
+@pytest.mark.parametrize("machine", list(TRAINING_MACHINES))
+def test_training_precision_and_the_dtype_the_base_loads_in(machine, monkeypatch):
+    """hardware.resolve on a faked machine, then modeling.load_base with a from_pretrained that only records
+    what it was asked: the dtype the sft and dpo stages really load their base in."""
+    import torch
+    import transformers
+
+    from qatune import hardware, modeling
+    from qatune.params import load_params
+
+    cuda, capability, cpu_bf16, precision, weights = TRAINING_MACHINES[machine]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: machine)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(hardware, "pin_one_gpu", lambda num_processes: None)
+    monkeypatch.setattr(hardware, "unsloth_importable", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    train = load_params(ROOT / "params.yaml").train.model_copy(
+        update={"backend": "auto", "precision": "auto"}
+    )
+    hw = hardware.resolve(train)
+    assert hw["precision"] == precision
+
+    asked = {}
+    tokenizer = SimpleNamespace(pad_token="<pad>")
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda folder, **kw: asked.update(kw) or "model"
+    )
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, **kw: tokenizer)
+    assert modeling.load_base("models/base", train, hw, 64) == ("model", tokenizer)
+    assert asked["dtype"] == getattr(torch, weights)
+    assert ("device_map" in asked) == cuda
 
 
 def test_unknown_purpose_is_refused():
