@@ -106,6 +106,10 @@ def answer_log_probs(hidden, weight, targets, scale: float = 1.0, outputs: tuple
     return AnswerLogProbs.apply(hidden, weight, targets, scale, wanted)
 
 
+# Set on a model that `install` gave qatune's head: what a run records is read from the model it trained.
+MARK = "_qatune_lm_head"
+
+
 def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
     """Give `model` (the transformers model under any PEFT wrapper) qatune's fused head.
 
@@ -165,6 +169,15 @@ def install(model, outputs: tuple[str, ...] = OUTPUTS) -> None:
         )
 
     model.forward = types.MethodType(forward, model)
+    setattr(model, MARK, tuple(outputs))
+
+
+def trained_with(model) -> str:
+    """Which head `model` (a trainer's model, under any PEFT or wrapper module) computes its answer
+    log-probabilities with: "qatune" where `install` put qatune's head, else "trl" (TRL's own, or Unsloth's
+    fused loss). Read after the trainer is built, so a trainer that never called the swapped-in function
+    (see in_trl_trainers) is recorded as what it really ran."""
+    return "qatune" if any(getattr(m, MARK, None) for m in model.modules()) else "trl"
 
 
 @contextlib.contextmanager
@@ -173,6 +186,8 @@ def in_trl_trainers(choice: str):
 
     The trainers add their fused head in __init__, and the DPO trainer precomputes the reference
     log-probs there too, so the head has to be in place during construction, not put on afterwards.
+    TRL 1.16's KTOTrainer adds TRL's head through its own module's name, which this leaves alone: a KTO
+    run trains with TRL's head, says so here, and records it (trained_with).
     """
     if choice != "qatune":
         yield
@@ -180,12 +195,15 @@ def in_trl_trainers(choice: str):
     import trl.trainer.dpo_trainer as dpo_module
     import trl.trainer.sft_trainer as sft_module
 
+    calls = []  # the models that got qatune's head while the trainer was built
+
     def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
         if temperature != 1.0:
             raise QatuneError(
                 "train.lm_head: qatune's head has no sampling temperature; set train.lm_head: trl"
             )
         install(model, tuple(outputs))  # fp32 throughout already: cast_lm_head_to_fp32 changes nothing
+        calls.append(type(model).__name__)
 
     modules = (sft_module, dpo_module)
     saved = [m.add_fused_lm_head for m in modules]
@@ -196,3 +214,9 @@ def in_trl_trainers(choice: str):
     finally:
         for m, original in zip(modules, saved, strict=True):
             m.add_fused_lm_head = original
+    if not calls:
+        print(
+            "train.lm_head: qatune: this trainer did not take qatune's head (TRL's SFT and DPO trainers do, "
+            "its KTO trainer adds its own); it trains with TRL's own head, and the run records lm_head: trl",
+            flush=True,
+        )

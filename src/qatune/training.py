@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qatune import compat
+from qatune import compat, lm_head
 from qatune.errors import QatuneError
 from qatune.hardware import fsdp_launched
 from qatune.provenance import code_digest, git_commit, peak_memory_gb, training_report, write_provenance
@@ -442,7 +442,7 @@ def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step:
     return {
         "backend": hw["backend"],
         "precision": hw["precision"],
-        "lm_head": hw["lm_head"],
+        "lm_head": lm_head.trained_with(trainer.model),  # not hw's choice: what the trainer really ran
         "device": hw["device"],
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 3),

@@ -172,3 +172,56 @@ def test_trl_trainers_built_inside_the_context_use_qatunes_head(tmp_path, monkey
     assert calls and trainer.state.log_history[-1]["train_loss"] > 0
     with lm_head.in_trl_trainers("trl"):  # the other choice leaves TRL alone
         assert sft_module.add_fused_lm_head is originals[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "head"),
+    [("dpo", "qatune"), ("kto", "trl")],  # installed trl 1.16: KTOTrainer adds TRL's head by its own name
+)
+def test_the_run_records_the_head_that_really_trained(method, head, tmp_path, monkeypatch, capsys):
+    """metrics/<stage>.json's lm_head (training.run_metrics) is what computed the training step's
+    log-probabilities, not what train.lm_head asked for: a trainer the swap does not reach says "trl"."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    from qatune import training
+    from qatune.tiny import build_model, build_tokenizer
+
+    calls = []
+    real_apply = lm_head.AnswerLogProbs.apply
+    monkeypatch.setattr(lm_head.AnswerLogProbs, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    tok = build_tokenizer()
+    prompt = [{"role": "user", "content": "how much protein"}]
+    good = [{"role": "assistant", "content": "about 1.6 g per kg"}]
+    bad = [{"role": "assistant", "content": "as much as you can eat"}]
+    common = {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "max_steps": 1,
+        "per_device_train_batch_size": 2,
+        "report_to": ["none"],
+        "bf16": False,
+        "save_strategy": "no",
+        "precompute_ref_log_probs": False,
+    }
+    if method == "kto":
+        rows = [{"prompt": prompt, "completion": c, "label": c is good} for c in (good, bad)] * 2
+        Trainer, config = KTOTrainer, KTOConfig(**common)
+    else:
+        rows = [{"prompt": prompt, "chosen": good, "rejected": bad}] * 2
+        Trainer, config = DPOTrainer, DPOConfig(**common)
+    with lm_head.in_trl_trainers("qatune"):  # what train.lm_head auto resolves to on CPU
+        trainer = Trainer(
+            model=build_model(tok, seed=3),
+            args=config,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+        )
+    said = capsys.readouterr().out
+    result = trainer.train()
+    assert bool(calls) == (head == "qatune")  # qatune's head computed the step, or it never ran
+    hw = {"backend": "transformers", "precision": "fp32", "lm_head": "qatune", "device": "cpu"}
+    assert training.run_metrics(trainer, result, hw, 1.0, 0)["lm_head"] == head
+    assert ("records lm_head: trl" in said) == (head == "trl")
