@@ -155,3 +155,150 @@ def serve(
         raise QatuneError(
             f"chat: cannot listen on {kwargs['server_name']}:{kwargs['server_port']}: {err}"
         ) from None
+
+
+# --------------------------------------------------------------------------- side by side (`--compare`)
+# Kept apart from the single-model chat above: two models answer the same question, the sides are dealt at
+# random and their names stay hidden until the vote, and each vote is appended to chat.votes as a
+# preference row (qatune.feedback) that the fetch stage reads back as training data.
+
+COMPARE_NOTE = (
+    "Two models answer each question, on sides drawn at random; which model wrote which answer is shown "
+    "after your vote. Each vote is saved as a preference pair (the better answer as chosen) for the next "
+    "training run; “both bad” is saved too, but never trained on."
+)
+
+
+EMPTY_ANSWER = "(the model ended its answer without any text)"
+
+
+def compare_answers(contestants: dict, params: Params, settings: GenerateParams, rng):
+    """The Ask callback: deal the sides, then stream the left answer, then the right one.
+
+    Yields (left, right, round, vote buttons enabled); `round` is what the vote needs (question, sides,
+    answers) and is None while answering, so a vote cannot land on a half-written pair."""
+    from qatune.feedback import deal
+
+    names = tuple(contestants)
+
+    def ask(message: str, temperature: float, top_p: float, max_new_tokens: float):
+        hold = gr.update(interactive=False)
+        try:
+            question = inference.check_question(message, params.chat.max_input_chars)
+            current = inference.generation_settings(
+                settings, temperature=temperature, top_p=top_p, max_new_tokens=int(max_new_tokens)
+            )
+        except QatuneError as err:
+            yield f"{REFUSAL}{err}", "", None, hold, hold, hold, ""
+            return
+        sides = deal(names, rng)
+        messages = inference.build_messages(question, params.train.system_prompt)
+        answers = {"left": "", "right": ""}
+        for side in ("left", "right"):
+            try:
+                for piece in inference.stream_answer(contestants[sides[side]], messages, current):
+                    answers[side] += piece
+                    yield answers["left"], answers["right"], None, hold, hold, hold, ""
+            except QatuneError as err:
+                answers[side] = f"{REFUSAL}{err}"
+            answers[side] = answers[side].strip()
+        ready = gr.update(interactive=True)
+        round_ = {"question": question, "sides": sides, "answers": answers}
+        shown = [answers[side] or EMPTY_ANSWER for side in ("left", "right")]  # the file keeps the real ""
+        yield *shown, round_, ready, ready, ready, ""
+
+    return ask
+
+
+def compare_vote(votes_path: str, pick: str):
+    """A vote button's callback: append the row, reveal the sides, refresh the tally, lock the buttons."""
+    from qatune.feedback import BOTH_BAD, append_vote, read_votes, tally, tally_markdown, vote_row
+
+    def vote(round_: dict | None):
+        hold = gr.update(interactive=False)
+        if not round_:
+            return None, "Ask a question first.", gr.update(), hold, hold, hold
+        sides = round_["sides"]
+        append_vote(votes_path, vote_row(round_["question"], sides, round_["answers"], pick))
+        verdict = "both answers bad" if pick == BOTH_BAD else f"{pick} preferred"
+        reveal = (
+            f"**Left: `{sides['left']}` · Right: `{sides['right']}`** ({verdict}; saved to `{votes_path}`)"
+        )
+        return None, reveal, tally_markdown(tally(read_votes(votes_path))), hold, hold, hold
+
+    return vote
+
+
+def build_compare_app(
+    contestants: dict, params: Params, settings: GenerateParams, votes_path: str, seed: int | None = None
+) -> gr.Blocks:
+    """Two answers side by side, three vote buttons, the running tally per model (read from the votes file,
+    so it carries over between sessions). `contestants` maps each model's name to its loaded model."""
+    import random
+
+    from qatune.feedback import BOTH_BAD, read_votes, tally, tally_markdown
+
+    rng = random.Random(seed)
+    with gr.Blocks(title=f"{params.domain.title}: compare", analytics_enabled=False) as demo:
+        gr.Markdown(
+            f"# {params.domain.title}: which answer is better?\n{COMPARE_NOTE}  \n{params.domain.disclaimer}"
+        )
+        question = gr.Textbox(
+            label="Question", placeholder=params.domain.placeholder or None, elem_id="compare-question"
+        )
+        ask_button = gr.Button("Ask both models", variant="primary", elem_id="compare-ask")
+        with gr.Row():
+            left = gr.Textbox(label="Left answer", lines=8, interactive=False, elem_id="compare-left")
+            right = gr.Textbox(label="Right answer", lines=8, interactive=False, elem_id="compare-right")
+        with gr.Row():
+            buttons = [
+                gr.Button("Left is better", interactive=False, elem_id="vote-left"),
+                gr.Button("Right is better", interactive=False, elem_id="vote-right"),
+                gr.Button("Both are bad", interactive=False, elem_id="vote-both-bad"),
+            ]
+        reveal = gr.Markdown(elem_id="compare-reveal")
+        gr.Markdown("### Tally")
+        board = gr.Markdown(tally_markdown(tally(read_votes(votes_path))), elem_id="compare-tally")
+        with gr.Accordion("Generation settings", open=False):
+            temperature = gr.Slider(
+                0.0, TEMPERATURE_MAX, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)"
+            )
+            top_p = gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p")
+            tokens = gr.Slider(
+                1,
+                max(MAX_NEW_TOKENS_MAX, settings.max_new_tokens),
+                value=settings.max_new_tokens,
+                step=1,
+                label="Max new tokens",
+            )
+        round_ = gr.State(None)
+        ask = compare_answers(contestants, params, settings, rng)
+        outputs = [left, right, round_, *buttons, reveal]
+        ask_button.click(ask, [question, temperature, top_p, tokens], outputs, api_name="compare")
+        question.submit(ask, [question, temperature, top_p, tokens], outputs, api_name=False)
+        for button, pick in zip(buttons, ("left", "right", BOTH_BAD), strict=True):
+            button.click(
+                compare_vote(votes_path, pick), [round_], [round_, reveal, board, *buttons], api_name=False
+            )
+    return demo.queue(default_concurrency_limit=params.chat.concurrency_limit, max_size=params.chat.max_queue)
+
+
+def serve_compare(
+    contestants: dict,
+    params: Params,
+    settings: GenerateParams,
+    votes_path: str,
+    host: str | None = None,
+    port: int | None = None,
+    share: bool | None = None,
+) -> None:
+    """Build and run the side-by-side app until interrupted."""
+    kwargs = launch_kwargs(params.chat, host, port, share)
+    if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1"):
+        print(f"qatune: listening on {kwargs['server_name']}: reachable from your network", flush=True)
+    try:
+        build_compare_app(contestants, params, settings, votes_path).launch(**kwargs)
+    except OSError as err:
+        raise QatuneError(
+            f"chat: cannot listen on {kwargs['server_name']}:{kwargs['server_port']}: {err}"
+        ) from None
