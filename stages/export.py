@@ -14,6 +14,10 @@ own chat template as a Go TEMPLATE, the system prompt and the `generate` default
 converter does not support is said in one line and leaves a note instead of files; the stage succeeds.
 Every answer, in transformers and in llama.cpp, ends at the tokens qatune.generation.stop_tokens finds (the
 chat template's end-of-turn token and the eos tokens); the Modelfile lists them as `PARAMETER stop`.
+One multi-turn conversation rendered by the training template, the merged tokenizer, the GGUF's own template
+(as llama-cpp-python and `qatune serve --mode gguf` apply it) and the Modelfile TEMPLATE must give the same
+prompt token ids, each stopping at every end-of-turn token (qatune.prompts); metrics/export.json records it
+under `template`, and a mismatch fails the stage in one line.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import time
 from pathlib import Path
 
 from qatune import export, modeling
-from qatune.chat import conversation, template_kwargs
+from qatune.chat import conversation, template_kwargs, use_training_template
 from qatune.demo import demo_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.generation import StopTokens, stop_tokens
 from qatune.io import write_json
 from qatune.params import Params, load_params
+from qatune.prompts import check_template
 from qatune.provenance import peak_memory_gb, require
 
 NOTE = "NOT_EXPORTED.txt"
@@ -119,6 +124,30 @@ def check_file(
     return row
 
 
+def template_check(params: Params, merged_dir: str, gguf: Path, modelfile_template: str) -> dict:
+    """One multi-turn conversation through the training template, the merged tokenizer, the GGUF's own
+    template in llama-cpp-python and the Modelfile TEMPLATE: the same prompt ids and stop tokens
+    (qatune.prompts.check_template), so the model is asked the way it was trained wherever it runs."""
+    import copy
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    merged = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=params.train.trust_remote_code)
+    training = copy.deepcopy(merged)
+    use_training_template(training, params.train.enable_thinking)
+    kwargs = template_kwargs(merged.chat_template, params.train.enable_thinking)
+    try:
+        config = GenerationConfig.from_pretrained(merged_dir)
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        config = None
+    with export.stderr_to(gguf.parent / "llama.log"):
+        llm = export.llama_cpp_module().Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    system = params.train.system_prompt
+    record = check_template(training, merged, llm, kwargs, config, modelfile_template, system)
+    llm.close()
+    return {"gguf": gguf.name, **record}
+
+
 def skip(out: Path, metrics_file: str, reason: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / NOTE).write_text(f"No GGUF files: {reason}\n", encoding="utf-8")
@@ -182,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         ),
         encoding="utf-8",
     )
+    checked = template_check(params, args.merged, out / export.file_name(cfg.modelfile_quant), template)
+    if not checked["ok"]:
+        failures.append("chat template: " + "; ".join(checked["problems"]))
     merged_bytes = sum(p.stat().st_size for p in Path(args.merged).glob("*.safetensors"))
     metrics = {
         "enabled": True,
@@ -193,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         "merged_tokens_per_s": merged_speed,  # transformers, float32, same greedy answers
         "files": files,
         "modelfile": "Modelfile",
+        "template": checked,
         "wall_s": round(time.perf_counter() - began, 1),
         **peak_memory_gb(),
     }
