@@ -149,6 +149,12 @@ gpu-check:
 chat: setup
 	$(BIN)/qatune chat
 
+# The OpenAI-compatible API on http://127.0.0.1:8000/v1 (params.yaml `serve`; README "Serving an API").
+# `make serve MODE=gguf` serves the GGUF export in llama.cpp; QATUNE_API_KEY=... requires that key.
+.PHONY: serve
+serve: setup
+	$(BIN)/qatune serve $(if $(MODE),--mode $(MODE))
+
 # ---- Containers (README "Containers"). The images install from requirements.lock (CPU) and
 # docker/requirements-cuda.lock (CUDA); the repository is mounted at /app at run time, never copied whole.
 CONTAINER_ENGINE ?= $(if $(shell command -v podman),podman,docker)

@@ -6,10 +6,12 @@
     echo "What should I eat before a run?" | qatune ask -
     qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load
     qatune chat                                                # Gradio app on http://127.0.0.1:7860
+    qatune serve                                               # OpenAI-compatible API, http://127.0.0.1:8000/v1
     qatune plan --profile profiles/seed003-mistral-qlora.yaml --gpu-gb 16 24   # each stage's memory plan
 
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
-port, input cap, queue) and `train.system_prompt` (the prompt the model was trained with). Flags override
+port, input cap, queue), `serve` (the API's address, key variable, queue and size limits) and
+`train.system_prompt` (the prompt the model was trained with). Flags override
 them for one run. `merged` serves models/merged (run `dvc repro merge` first); `adapter` serves
 models/base with the LoRA adapter models/dpo on top; `gguf` serves the export stage's GGUF in llama.cpp
 (models/gguf/model-<export.modelfile_quant>.gguf, as Ollama would; run `dvc repro export` first).
@@ -87,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a public gradio.live link (default: chat.share, off)",
     )
+    serve = sub.add_parser(
+        "serve", parents=[common], help="serve the model over an OpenAI-compatible HTTP API (qatune.serve)"
+    )
+    serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1 = this machine only)")
+    serve.add_argument("--port", type=int, help="port (default: serve.port)")
     plan = sub.add_parser("plan", help="each model-loading stage's predicted peak memory and device")
     plan.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
     plan.add_argument(
@@ -265,13 +272,37 @@ def chat(args: argparse.Namespace, params: Params) -> None:
     app.serve(loaded, params, settings, host=args.host, port=args.port, share=args.share)
 
 
+def serve(args: argparse.Namespace, params: Params) -> None:
+    """Check the address and key, load the model (a one-line error when it is not built), then serve."""
+    import os
+
+    try:
+        from qatune import serve as api
+    except ImportError as err:  # fastapi and uvicorn come with gradio (the `app` extra)
+        raise QatuneError(
+            f"qatune serve needs fastapi and uvicorn ({err}); pip install 'qatune[app]'"
+        ) from None
+    host, port = args.host or params.serve.host, args.port or params.serve.port
+    key = os.environ.get(params.serve.api_key_env) or None
+    warning = api.exposure_warning(host, key, params.serve.api_key_env)
+    if warning:
+        print(f"qatune: {warning}", file=sys.stderr)
+    settings = settings_from(args, params)
+    loaded = load(args, params, settings.mode)
+    app = api.create_app(loaded, params.serve, settings, params.train.system_prompt, api_key=key)
+    shown = f"[{host}]" if ":" in host else host
+    lock = "an API key" if key else "no API key"
+    print(f"qatune: serving {params.serve.model_name} on http://{shown}:{port}/v1 ({lock})", file=sys.stderr)
+    api.run(app, host, port)
+
+
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return show_plan(args)
     params = load_params(args.params)
-    {"ask": ask, "chat": chat}[args.command](args, params)
+    {"ask": ask, "chat": chat, "serve": serve}[args.command](args, params)
 
 
 if __name__ == "__main__":
