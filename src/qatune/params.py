@@ -444,6 +444,28 @@ class Params(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _best_checkpoint_is_kept(self) -> Params:
+        # What the training stages would otherwise refuse only after the model has loaded (the early-stopping
+        # callback, TrainingArguments): a disabled block trains nothing and is not checked. eval_steps is a
+        # required key >= 1 and qatune evaluates by steps, so the evaluations early stopping reads exist.
+        for block in ("sft", "dpo"):
+            cfg = getattr(self, block)
+            if not cfg.enabled:
+                continue
+            if cfg.early_stopping_patience and not cfg.load_best_model_at_end:
+                raise ValueError(
+                    f"{block}.early_stopping_patience: {cfg.early_stopping_patience} needs "
+                    f"{block}.load_best_model_at_end: true (early stopping keeps the best checkpoint)"
+                )
+            if cfg.load_best_model_at_end and cfg.save_steps % cfg.eval_steps:
+                raise ValueError(
+                    f"{block}.save_steps: {cfg.save_steps} is not a multiple of {block}.eval_steps: "
+                    f"{cfg.eval_steps}; {block}.load_best_model_at_end keeps the best of the checkpoints "
+                    "saved at an evaluation"
+                )
+        return self
+
 
 def _format_error(err: ValidationError, path: str) -> str:
     parts = []

@@ -134,12 +134,7 @@ def callbacks(train, cfg, block: str, hw: dict[str, Any]) -> list:
             )
         else:
             out.append(partial_checkpointing(share))
-    if cfg.early_stopping_patience:
-        if not cfg.load_best_model_at_end:
-            raise QatuneError(
-                f"{block}.early_stopping_patience: {cfg.early_stopping_patience} needs "
-                f"{block}.load_best_model_at_end: true (early stopping keeps the best checkpoint)"
-            )
+    if cfg.early_stopping_patience:  # with load_best_model_at_end: qatune.params checks it before any work
         from transformers import EarlyStoppingCallback
 
         out.append(EarlyStoppingCallback(cfg.early_stopping_patience))

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from qatune.errors import QatuneError
-from qatune.params import load_params, parse_params
+from qatune.params import PARAMS_FILE, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -99,3 +99,35 @@ def test_export_block_is_checked(change, message):
     with pytest.raises(QatuneError) as err:
         parse_params(data)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("block", ["sft", "dpo"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"early_stopping_patience": 2, "load_best_model_at_end": False},
+            "{b}.early_stopping_patience: 2 needs {b}.load_best_model_at_end: true",
+        ),
+        (
+            {"load_best_model_at_end": True, "eval_steps": 4, "save_steps": 6},
+            "{b}.save_steps: 6 is not a multiple of {b}.eval_steps: 4",
+        ),
+    ],
+)
+def test_training_checkpoint_choices_are_checked_with_the_params(block, change, message):
+    """check-params says it in one line, before any stage loads a model (the stages read params first)."""
+    data = copy.deepcopy(RAW)
+    data[block].update(change)
+    with pytest.raises(QatuneError) as err:
+        parse_params(data)
+    assert str(err.value).startswith(f"{PARAMS_FILE}: {message.format(b=block)}")  # one line, the keys named
+    assert "\n" not in str(err.value)
+    data[block]["enabled"] = False  # a block that trains nothing is not held to it
+    assert not getattr(parse_params(data), block).enabled
+
+
+def test_early_stopping_with_the_best_checkpoint_kept_is_valid():
+    data = copy.deepcopy(RAW)
+    data["sft"].update(early_stopping_patience=2, load_best_model_at_end=True, eval_steps=5, save_steps=10)
+    assert parse_params(data).sft.early_stopping_patience == 2
