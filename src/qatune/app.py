@@ -202,6 +202,9 @@ def compare_answers(contestants: dict, params: Params, settings: GenerateParams,
             except QatuneError as err:
                 answers[side] = f"{REFUSAL}{err}"
             answers[side] = answers[side].strip()
+        if any(a.startswith(REFUSAL) for a in answers.values()):  # no vote on an error message
+            yield answers["left"], answers["right"], None, hold, hold, hold, "One model could not answer."
+            return
         ready = gr.update(interactive=True)
         round_ = {"question": question, "sides": sides, "answers": answers}
         shown = [answers[side] or EMPTY_ANSWER for side in ("left", "right")]  # the file keeps the real ""
