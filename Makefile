@@ -112,6 +112,20 @@ lock: setup
 dag: setup
 	$(BIN)/dvc dag
 
+# A sweep on DVC's own queue (README "Experiments"): one queued experiment per value of DVC's grid syntax, then
+# one worker (`dvc queue status` to follow). Then `make exps`, or `qatune compare` to rank the runs.
+#   make sweep ARGS="-S 'dpo.learning_rate=1e-5,5e-5'"        make sweep ARGS="-S 'beta=0.1,0.2' -S 'seed=1,2'"
+.PHONY: sweep exps
+sweep: setup
+	$(BIN)/dvc exp run --queue $(ARGS)
+	$(BIN)/dvc queue start
+
+# `dvc exp show` led by the evaluation's user-facing measures (the final model's rates: harmful requests
+# affirmed, safe stance, key facts stated and contradicted, yes/no answered the opposite way), then only the
+# params that differ between experiments (qatune.compare.exp_show_columns). make exps ARGS=--csv
+exps: setup
+	$(BIN)/qatune compare --exp-show $(if $(ARGS),--dvc-args="$(ARGS)")
+
 # Training curves and scores -> dvc_plots/index.html, drawn offline: .dvc/config points DVC at
 # .dvc/plots/offline.html (vega inlined; rebuild with scripts/build_plots_template.py).
 .PHONY: plots
