@@ -6,7 +6,9 @@
     echo "What should I eat before a run?" | qatune ask -
     qatune ask --questions profiles/seed001-questions.txt --output answers.jsonl   # a list, one model load
     qatune chat                                                # Gradio app on http://127.0.0.1:7860
+    qatune chat --compare                                      # base vs final side by side; votes -> chat.votes
     qatune serve                                               # OpenAI-compatible API, http://127.0.0.1:8000/v1
+    qatune compare                                             # rank DVC experiments on the evaluation's measures
     qatune plan --profile profiles/seed003-mistral-qlora.yaml --gpu-gb 16 24   # each stage's memory plan
 
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -89,11 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a public gradio.live link (default: chat.share, off)",
     )
+    chat.add_argument(
+        "--compare",
+        nargs="*",
+        metavar="MODEL",
+        help="side by side: two models answer each question on random sides and you vote for the better "
+        "answer; none given = the base vs the final model (generate.mode), else two of: a model folder "
+        "(merged or base), a LoRA adapter folder (on --model-dir, default models/base), a .gguf file",
+    )
+    chat.add_argument(
+        "--votes", help="--compare: the JSON lines file votes are appended to (default: chat.votes)"
+    )
     serve = sub.add_parser(
         "serve", parents=[common], help="serve the model over an OpenAI-compatible HTTP API (qatune.serve)"
     )
     serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1 = this machine only)")
     serve.add_argument("--port", type=int, help="port (default: serve.port)")
+    compare = sub.add_parser(
+        "compare", help="rank DVC experiments on the evaluation's measures, with bootstrap intervals"
+    )
+    compare.add_argument(
+        "exp_show_json", nargs="?", help="a saved `dvc exp show --json` (default: run it in --repo)"
+    )
+    compare.add_argument(
+        "--by",
+        default="harmful_affirm_rate",
+        help="the measure to rank on, its better direction first: harmful_affirm_rate (default), "
+        "safe_stance_rate, fact_contradicted_rate, fact_stated_rate, yes_no_wrong_rate",
+    )
+    compare.add_argument("--repo", default=".", help="the DVC repository to ask (default: here)")
+    compare.add_argument(
+        "--exp-show",
+        action="store_true",
+        help="instead of ranking, run `dvc exp show` led by these measures, then only the params that differ",
+    )
+    compare.add_argument(
+        "--dvc-args", default="", help="--exp-show: more `dvc exp show` options, e.g. --dvc-args=--csv"
+    )
     plan = sub.add_parser("plan", help="each model-loading stage's predicted peak memory and device")
     plan.add_argument("--params", default="params.yaml", help="params file to read (default: params.yaml)")
     plan.add_argument(
@@ -268,8 +303,42 @@ def chat(args: argparse.Namespace, params: Params) -> None:
     except ImportError as err:  # gradio is the `app` extra
         raise QatuneError(f"the chat app needs gradio ({err}); pip install 'qatune[app]'") from None
     settings = settings_from(args, params)
+    if args.compare is not None:
+        return compare_chat(args, params, settings, app)
     loaded = load(args, params, settings.mode)
     app.serve(loaded, params, settings, host=args.host, port=args.port, share=args.share)
+
+
+def compare_chat(args: argparse.Namespace, params: Params, settings, app) -> None:
+    """`qatune chat --compare [A B]`: name both models (a bad argument fails before anything loads), load
+    them, then serve the vote app."""
+    from qatune.feedback import default_specs, model_spec
+
+    base_dir = args.model_dir or inference.BASE_DIR
+    if len(args.compare) not in (0, 2):
+        raise QatuneError(f"chat --compare: give two models or none (base vs final), got {len(args.compare)}")
+    if args.compare:
+        specs = tuple(model_spec(arg, base_dir) for arg in args.compare)
+    else:
+        gguf = f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf"
+        specs = default_specs(settings.mode, base_dir, inference.MERGED_DIR, args.adapter_dir, gguf)
+    if specs[0].name == specs[1].name:
+        raise QatuneError(f"chat --compare: both models are {specs[0].name}; give two different ones")
+    quiet_libraries()
+    contestants = {}
+    for spec in specs:
+        contestants[spec.name] = inference.load_model(
+            spec.mode,
+            spec.model_dir,
+            spec.adapter_dir or args.adapter_dir,
+            device=args.device,
+            trust_remote_code=params.train.trust_remote_code,
+            enable_thinking=params.train.enable_thinking,
+        )
+        loaded = contestants[spec.name]
+        print(f"qatune: {loaded.source} on {loaded.device} ({loaded.dtype})", file=sys.stderr)
+    votes = args.votes or params.chat.votes
+    app.serve_compare(contestants, params, settings, votes, host=args.host, port=args.port, share=args.share)
 
 
 def serve(args: argparse.Namespace, params: Params) -> None:
@@ -301,6 +370,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "plan":
         return show_plan(args)
+    if args.command == "compare":
+        from qatune import compare
+
+        if args.exp_show:
+            params = Path(args.repo) / "params.yaml"
+            sys.exit(compare.show_table(params, shlex.split(args.dvc_args), args.repo))
+        return print(compare.main(args.by, args.exp_show_json, args.repo))
     params = load_params(args.params)
     {"ask": ask, "chat": chat, "serve": serve}[args.command](args, params)
 
