@@ -54,7 +54,9 @@ def tiny_params(model_dir: Path, data_file: Path, **overrides) -> dict:
         "save_steps": 2,
         "optim": "adamw_torch",
     }
-    params["sft"].update(small, learning_rate=1.0e-2)
+    # SFT then DPO, the path the GPU profiles take (the embedded default runs DPO alone; tests that need that
+    # path turn SFT off)
+    params["sft"].update(small, learning_rate=1.0e-2, enabled=True)
     params["dpo"].update(small, learning_rate=1.0e-2)
     params["train"]["lora"]["r"] = 4
     params["train"]["precision"] = "fp32"

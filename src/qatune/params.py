@@ -352,6 +352,23 @@ class ChatParams(Strict):
     max_input_chars: int = Field(2000, ge=1, description="longer questions are refused with a message")
     concurrency_limit: int = Field(1, ge=1, description="generations at once; others wait in the queue")
     max_queue: int = Field(16, ge=1, description="queued requests before new ones are turned away")
+    votes: str = Field(
+        "data/feedback/votes.jsonl",
+        description="`qatune chat --compare` appends each vote here, as preference rows a local source reads",
+    )
+
+
+class ServeParams(Strict):
+    """`qatune serve`: the OpenAI-compatible HTTP API (qatune.serve); sampling comes from `generate`."""
+
+    host: str = Field("127.0.0.1", description="bind address; another needs the API key variable set")
+    port: int = Field(8000, ge=1, le=65535)
+    model_name: str = Field("qatune", min_length=1, description="the model id /v1/models lists")
+    api_key_env: str = Field("QATUNE_API_KEY", description="environment variable holding the API key")
+    concurrency_limit: int = Field(1, ge=1, description="generations at once (llama.cpp: always 1)")
+    max_queue: int = Field(8, ge=0, description="requests waiting beyond those; the next gets 503")
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    max_prompt_chars: int = Field(8000, ge=1, description="all message texts together; longer gets 400")
 
 
 class HubParams(Strict):
@@ -425,6 +442,7 @@ class Params(Strict):
     evaluate: EvaluateParams
     generate: GenerateParams
     chat: ChatParams
+    serve: ServeParams = Field(default_factory=ServeParams)
     hub: HubParams
     domain: DomainParams
 

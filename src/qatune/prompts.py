@@ -20,7 +20,7 @@ from qatune.generation import ANSWER_MARK, gguf_chat_formatter, gguf_stop_tokens
 # A conversation with a system prompt, two finished exchanges and a follow-up: multi-turn history is where
 # templates differ most (Llama 3's headers, Gemma's folded system prompt, Mistral's [INST] pairs).
 CONVERSATION = [
-    {"role": "system", "content": "You answer questions about fitness."},
+    {"role": "system", "content": "You answer questions briefly."},
     {"role": "user", "content": "How much water should I drink a day?"},
     {"role": "assistant", "content": "About two litres, more when you sweat."},
     {"role": "user", "content": "And during a long run?"},

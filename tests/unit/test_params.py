@@ -118,7 +118,7 @@ def test_export_block_is_checked(change, message):
 def test_training_checkpoint_choices_are_checked_with_the_params(block, change, message):
     """check-params says it in one line, before any stage loads a model (the stages read params first)."""
     data = copy.deepcopy(RAW)
-    data[block].update(change)
+    data[block].update(change, enabled=True)  # the embedded default runs no SFT: the block is turned on here
     with pytest.raises(QatuneError) as err:
         parse_params(data)
     assert str(err.value).startswith(f"{PARAMS_FILE}: {message.format(b=block)}")  # one line, the keys named
