@@ -39,6 +39,8 @@ def skip(args) -> None:
     write_json(out / DISABLED, {"enabled": False, "adapter": None, "note": "sft.enabled is false"})
     write_json(args.metrics, {"method": "none", "enabled": False, "adapter": None})
     training.write_history([], Path(args.plots), CURVES)
+    # every output dvc.yaml lists exists, or `dvc repro` stops here; checkpoints of an earlier SFT run are kept
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
     print("sft: disabled (sft.enabled: false); the preference stage starts from the base model")
 
 
