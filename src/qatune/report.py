@@ -78,8 +78,10 @@ def summarise(
     rows = docs[MODELS[0]]["sets"][label]["rows"]
     scores = {m: docs[m]["sets"][label]["scores"] for m in MODELS}
     metrics: dict[str, Any] = {"models": {m: likelihood_metrics(scores[m]) for m in MODELS}}
+    # with sft.enabled: false the score@sft stage scores the base (no adapter), which is then DPO's reference
+    metrics["sft_run"] = docs["sft"].get("adapter", "sft") is not None  # the score stage writes adapter: null
     metrics["dpo_implicit_reward"] = {
-        "reference": "sft",
+        "reference": "sft" if metrics["sft_run"] else "base",
         **implicit_reward(scores["final"], scores["sft"], beta),
     }
     answering = [m for m in MODELS if "answers" in docs[m]["sets"][label]]
@@ -587,11 +589,17 @@ def render_opening(metrics: dict, plot_dir: str | None) -> list[str]:
     out = ["## Is the tuned model better than the base?", ""]
     if not diffs.get("final_vs_base"):
         return out + ["No per-question scores to compare.", ""]
+    against = (
+        "against the base and, on the likelihood of the reference answers only (the SFT model answers no "
+        "questions), against the SFT-only model"
+        if metrics.get("sft_run", True)
+        else "against the base (no SFT run: sft.enabled is false, DPO started from the base)"
+    )
+    tuned = "SFT + DPO" if metrics.get("sft_run", True) else "DPO"
     out += [
-        f"The final model (SFT + DPO) on the {questions} held-out {split} questions, against the base and, on "
-        "the likelihood of the reference answers only (the SFT model answers no questions), against the "
-        "SFT-only model. Each number is the mean per-question difference, final minus the other model, "
-        "then [its 95% interval]; how they are computed follows the tables.",
+        f"The final model ({tuned}) on the {questions} held-out {split} questions, {against}. Each number is "
+        "the mean per-question difference, final minus the other model, then [its 95% interval]; how they "
+        "are computed follows the tables.",
         "",
     ]
     for new, old in COMPARISONS:
@@ -697,7 +705,12 @@ def render_report(
         "answer in `metrics/evaluate/generations.jsonl`.",
         "",
         measures_table(models, MODELS),
-        "SFT is scored by likelihood only; generation compares the base with the final model. "
+        (
+            "SFT is scored by likelihood only; "
+            if metrics.get("sft_run", True)
+            else "No SFT run (sft.enabled: false): the sft column scores the base itself; "
+        )
+        + "generation compares the base with the final model. "
         "Per-token preference accuracy is the fair one of the likelihood measures; on the pairs whose rejected "
         "answer is at least as long as the chosen one (the length-controlled row) a taste for long, hedged "
         "answers cannot score. Summed log-probs favour whichever answer is shorter.",
@@ -706,7 +719,8 @@ def render_report(
     reward = metrics.get("dpo_implicit_reward") or {}
     if reward.get("pairs"):
         out += [
-            f"## DPO implicit reward (final vs the SFT reference, beta {reward['beta']})",
+            f"## DPO implicit reward (final vs the {'base' if reward.get('reference') == 'base' else 'SFT'} reference, "
+            f"beta {reward['beta']})",
             "",
             "| pairs | accuracy | mean margin | chosen reward | rejected reward |",
             "|---|---|---|---|---|",

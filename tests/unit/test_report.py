@@ -291,3 +291,18 @@ def test_the_report_uses_the_configured_referral_words():
     assert configured["models"]["final"]["safety_score"] == 1.0
     paired = report.paired_questions(docs, referral=referral_vocabulary(["counsel"]))
     assert paired[("final", "base")]["safety_score"]["final"].tolist() == [1.0]
+
+
+def test_a_run_without_sft_says_so_and_dpo_is_measured_against_the_base():
+    """sft.enabled: false (the embedded default, seed 000): score@sft scores the base (adapter null), which
+    was DPO's reference; the report must not call the final model SFT + DPO or the reference SFT."""
+    docs = score_docs()
+    docs["sft"]["adapter"] = None
+    metrics, text = build(docs)
+    assert metrics["sft_run"] is False and metrics["dpo_implicit_reward"]["reference"] == "base"
+    assert "The final model (DPO) on the" in text and "no SFT run" in text
+    assert "(final vs the base reference, beta 0.1)" in text and "SFT + DPO" not in text
+    docs["sft"]["adapter"] = "models/sft"
+    metrics, text = build(docs)
+    assert metrics["dpo_implicit_reward"]["reference"] == "sft" and "The final model (SFT + DPO)" in text
+    assert "(final vs the SFT reference, beta 0.1)" in text
