@@ -4,8 +4,8 @@ SkyPilot itself is NOT imported here: it brings 37 packages requirements.lock do
 click and uvicorn), so it stays out of qatune's environment. Instead the file is validated against
 SkyPilot's own JSON schemas, vendored in deploy/skypilot-schema.json from skypilot 0.14.1 by
 deploy/skypilot_schema.py (which also parses the task with `sky.Task.from_yaml`, in a throwaway venv; run
-it after upgrading SkyPilot). The two schema tests need `jsonschema`, which requirements.lock does not pin
-either: they are skipped without it. The other tests need only PyYAML and qatune: the keys SkyPilot knows,
+it after upgrading SkyPilot) with `jsonschema` (pinned in requirements.lock). The other tests need only PyYAML
+and qatune: the keys SkyPilot knows,
 no secret values in the file, shell syntax of setup and run, the pins the setup reads from the Makefile and
 the library, and the default GPUs against qatune's memory plan for the default profile.
 """
@@ -42,12 +42,14 @@ def schemas() -> dict:
 
 
 def test_task_validates_against_skypilots_task_schema(task, schemas):
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not in requirements.lock")
+    import jsonschema
+
     jsonschema.validate(task, schemas["task"])
 
 
 def test_resources_validate_against_skypilots_resources_schema(task, schemas):
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not in requirements.lock")
+    import jsonschema
+
     jsonschema.validate(task["resources"], schemas["resources"])
     with pytest.raises(jsonschema.ValidationError):  # the schema is strict: a typo is caught
         jsonschema.validate({**task["resources"], "accelerator": "L4:1"}, schemas["resources"])
