@@ -162,12 +162,24 @@ def test_closing_the_stream_stops_generation(loaded):
     from qatune.params import GenerateParams
 
     settings = GenerateParams(temperature=1.0, top_p=1.0, max_new_tokens=2000)
-    stream = inference.stream_answer(loaded, inference.build_messages("Q?", None), settings)
-    next(stream)
-    started = time.monotonic()
-    stream.close()  # what Gradio's stop button does to the generator
-    assert time.monotonic() - started < 5
-    assert not [t for t in threading.enumerate() if t.name.endswith("(run)")]  # the generate thread
+    steps = []  # one forward pass per generated token: what the stop must cut short
+    hook = loaded.model.register_forward_hook(lambda *_: steps.append(1))
+    config = loaded.model.generation_config
+    kept, config.min_new_tokens = config.min_new_tokens, 2000  # no early eos: unstopped, it runs all 2000
+    try:
+        stream = inference.stream_answer(loaded, inference.build_messages("Q?", None), settings)
+        next(stream)
+        started = time.monotonic()
+        stream.close()  # what Gradio's stop button does to the generator
+        assert time.monotonic() - started < 5
+        assert not [t for t in threading.enumerate() if t.name.endswith("(run)")]  # the generate thread
+        done = len(steps)
+        time.sleep(0.2)
+        assert len(steps) == done  # nothing generates after the close
+        assert done < 200, f"{done} of 2000 tokens generated: closing the stream did not stop generation"
+    finally:
+        hook.remove()
+        config.min_new_tokens = kept
 
 
 def test_free_memory_caps_the_answer(loaded, monkeypatch):
