@@ -15,7 +15,11 @@ SMOLLM2 := $(shell sed -n 's/^BUNDLED_PACKAGE = "\(.*\)".*/\1/p' src/qatune/base
 # Offline by default: the embedded default needs nothing from the Hub, and tests must not reach it.
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# wandb: offline unless WANDB_API_KEY is set (then online, as seed 000 logs; qatune.training.report_to picks it);
+# an explicit WANDB_MODE always wins
+ifeq ($(strip $(WANDB_API_KEY)),)
 export WANDB_MODE ?= offline
+endif
 export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
