@@ -46,6 +46,17 @@ TEST_TOOLS = {
     "greenlet",
     "sse-starlette",
     "starlette-context",
+    "openai",  # tests/stages/test_serve.py: the official client against `qatune serve`
+    "jiter",
+    "distro",
+    "httpx2",
+    "httpcore2",
+    "truststore",
+    "jsonschema",  # tests/unit/test_skypilot.py: SkyPilot's task schema
+    "jsonschema-specifications",
+    "referencing",
+    "rpds-py",
+    "attrs",
 }
 
 
