@@ -63,6 +63,7 @@ def tiny_params(model_dir: Path, data_file: Path, **overrides) -> dict:
     params["train"]["system_prompt"] = "Be safe."
     params["evaluate"].update(batch_size=4, max_new_tokens=12, sample_answers=2)
     params["hub"]["base_model_id"] = "qatune-tests/tiny-random-llama"  # a local base has no Hub id
+    params["domain"]["license"] = "apache-2.0"  # licence auto knows no test model
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(params.get(key), dict):
             params[key] = deep_merge(params[key], value)

@@ -56,6 +56,7 @@ def chat_project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["system_prompt"] = "Be safe."
+    params["sft"]["enabled"] = True  # an SFT then DPO run, as the GPU profiles make
     # Greedy and short: the same answer every run, in well under a second.
     params["generate"].update(temperature=0.0, max_new_tokens=16)
     params["chat"].update(max_input_chars=MAX_INPUT_CHARS)
@@ -213,7 +214,9 @@ def test_app_defaults_are_local_and_queued(loaded, chat_project: Path):
     assert "then direct preference optimisation" in demo.description  # the recipe params.yaml ran
     kto = params.model_copy(update={"dpo": params.dpo.model_copy(update={"method": "kto"})})
     assert "then KTO on answers labelled good or bad" in app.description(kto, loaded)
-    renamed = params.model_copy(update={"chat": params.chat.model_copy(update={"title": "Running coach"})})
+    renamed = params.model_copy(
+        update={"domain": params.domain.model_copy(update={"title": "Running coach"})}
+    )
     assert app.build_app(loaded, renamed, params.generate).title == "Running coach"
     assert demo._queue.max_size == params.chat.max_queue
     assert demo._queue.default_concurrency_limit == params.chat.concurrency_limit

@@ -85,7 +85,9 @@ def test_dpo_straight_from_the_base_when_sft_is_disabled(project):
     assert metrics(proj, "sft") == {"method": "none", "enabled": False, "adapter": None}
     # `dvc repro` (the embedded default runs no SFT) needs every output the sft stage lists
     outs = yaml.safe_load((proj / "dvc.yaml").read_text())["stages"]["sft"]["outs"]
-    missing = [p for p in (o if isinstance(o, str) else next(iter(o)) for o in outs) if not (proj / p).exists()]
+    missing = [
+        p for p in (o if isinstance(o, str) else next(iter(o)) for o in outs) if not (proj / p).exists()
+    ]
     assert missing == []
     stage(proj, "dpo")
     m = metrics(proj, "dpo")

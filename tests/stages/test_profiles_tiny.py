@@ -150,7 +150,7 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
     trained = "dpo" if params.dpo.enabled else "sft"
     used = json.loads((proj / f"models/{trained}" / PROVENANCE_FILE).read_text())["params"]
     compared = {k: v for k, v in flatten(used) if k in want and k not in changes}
-    assert len(compared) > 40  # seed, train.* and the method's block
+    assert len(compared) > 30  # seed, train.* and the method's block, less the cuts (33 for an SFT block)
     assert compared == {k: want[k] for k in compared}  # what the stage read is the profile's, cuts aside
     saved = torch.load(
         proj / f"models/{trained}-checkpoints/checkpoint-2/training_args.bin", weights_only=False
