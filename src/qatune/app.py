@@ -146,11 +146,16 @@ def serve(
     share: bool | None = None,
 ) -> None:
     """Build and run the app until interrupted."""
+    launch(build_app(loaded, params, settings), params, host, port, share)
+
+
+def launch(demo, params: Params, host: str | None, port: int | None, share: bool | None) -> None:
+    """Run a built app (single or side by side) on chat's address until interrupted."""
     kwargs = launch_kwargs(params.chat, host, port, share)
     if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"qatune: listening on {kwargs['server_name']}: reachable from your network", flush=True)
     try:
-        build_app(loaded, params, settings).launch(**kwargs)
+        demo.launch(**kwargs)
     except OSError as err:  # port taken, address not available
         raise QatuneError(
             f"chat: cannot listen on {kwargs['server_name']}:{kwargs['server_port']}: {err}"
@@ -296,12 +301,4 @@ def serve_compare(
     share: bool | None = None,
 ) -> None:
     """Build and run the side-by-side app until interrupted."""
-    kwargs = launch_kwargs(params.chat, host, port, share)
-    if kwargs["server_name"] not in ("127.0.0.1", "localhost", "::1"):
-        print(f"qatune: listening on {kwargs['server_name']}: reachable from your network", flush=True)
-    try:
-        build_compare_app(contestants, params, settings, votes_path).launch(**kwargs)
-    except OSError as err:
-        raise QatuneError(
-            f"chat: cannot listen on {kwargs['server_name']}:{kwargs['server_port']}: {err}"
-        ) from None
+    launch(build_compare_app(contestants, params, settings, votes_path), params, host, port, share)

@@ -168,16 +168,7 @@ def show_plan(args: argparse.Namespace) -> None:
     for name, params in runs:
         arch = plan.load_arch(args.model, params.base_model.source)
         for where, hw in machines:
-            blocks = (
-                params.train,
-                params.sft,
-                params.dpo,
-                params.clean,
-                params.evaluate,
-                params.merge,
-                params.export,
-            )
-            plans = plan.whole_run(arch, hw, *blocks)
+            plans = plan.params_run(arch, hw, params)
             rows.append((name, where, plans))
             for p in plans if len(runs) * len(machines) == 1 else ():
                 print(p.line())

@@ -116,16 +116,7 @@ def test_default_gpus_carry_the_default_profiles_whole_run(task):
     arch = plan.load_arch(None, params.base_model.source)
     for gpu, gb in CARD_GB.items():
         hw = plan.card(gb)
-        blocks = (
-            params.train,
-            params.sft,
-            params.dpo,
-            params.clean,
-            params.evaluate,
-            params.merge,
-            params.export,
-        )
-        for p in plan.whole_run(arch, hw, *blocks):
+        for p in plan.params_run(arch, hw, params):
             if p.stage != "export":
                 assert p.device.startswith("cuda"), (gpu, p.line())
                 assert plan.fits(p.need_gb, gb), (gpu, p.line())
