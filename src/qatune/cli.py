@@ -35,6 +35,22 @@ from qatune.io import write_jsonl
 from qatune.params import Params, load_params
 
 
+def params_run(arch, hw: dict, params: Params) -> list:
+    """qatune.plan.whole_run for a resolved Params: the blocks each model-loading stage reads."""
+    from qatune import plan
+
+    blocks = (
+        params.train,
+        params.sft,
+        params.dpo,
+        params.clean,
+        params.evaluate,
+        params.merge,
+        params.export,
+    )
+    return plan.whole_run(arch, hw, *blocks)
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options both subcommands take: where the model is and how to sample from it."""
     common = argparse.ArgumentParser(add_help=False)
@@ -168,7 +184,7 @@ def show_plan(args: argparse.Namespace) -> None:
     for name, params in runs:
         arch = plan.load_arch(args.model, params.base_model.source)
         for where, hw in machines:
-            plans = plan.params_run(arch, hw, params)
+            plans = params_run(arch, hw, params)
             rows.append((name, where, plans))
             for p in plans if len(runs) * len(machines) == 1 else ():
                 print(p.line())

@@ -411,21 +411,6 @@ def resolve_training(train, hw: dict[str, Any]) -> dict[str, Any]:
     return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}
 
 
-def params_run(a: Arch, hw: dict[str, Any], params) -> list[StagePlan]:
-    """whole_run for a resolved Params: the blocks each model-loading stage reads."""
-    return whole_run(
-        a,
-        hw,
-        params.train,
-        params.sft,
-        params.dpo,
-        params.clean,
-        params.evaluate,
-        params.merge,
-        params.export,
-    )
-
-
 def whole_run(
     a: Arch, hw: dict[str, Any], train, sft, dpo, clean, evaluate, merge_cfg, export_cfg
 ) -> list[StagePlan]:

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from qatune import plan
+from qatune.cli import params_run
 from qatune.profiles import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,7 +117,7 @@ def test_default_gpus_carry_the_default_profiles_whole_run(task):
     arch = plan.load_arch(None, params.base_model.source)
     for gpu, gb in CARD_GB.items():
         hw = plan.card(gb)
-        for p in plan.params_run(arch, hw, params):
+        for p in params_run(arch, hw, params):
             if p.stage != "export":
                 assert p.device.startswith("cuda"), (gpu, p.line())
                 assert plan.fits(p.need_gb, gb), (gpu, p.line())
