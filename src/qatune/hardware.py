@@ -89,8 +89,9 @@ def select_device(requested: str, cuda_available: bool) -> str:
 #   merge      cpu fp32     cpu fp32        cuda W           cuda W            cpu fp32 if W does not fit)
 #   generate   cpu fp32     cpu bf16        cuda bf16        cuda fp16
 #   serve      cpu fp32     cpu fp32        cuda bf16        cuda fp16
-# On a CPU scoring and merging load float32 and cast afterwards (score_dtype, merge.dtype): bf16 rounding was
-# measured to flip the sign of DPO's implicit reward on a third of the pairs, and merge checks logits to 1e-3.
+# On a CPU scoring and merging load float32 and cast afterwards: score to score_dtype (bf16 on CPUs fast at it
+# with `evaluate.score_precision: auto`, the default; float32 with fp32), merge to merge.dtype, whose check
+# compares logits to 1e-3.
 # On a GPU a 7B model in float32 is 29 GB, so they load straight in the dtype they work in (score_dtype,
 # merge.dtype) when qatune.plan finds that it fits the card, else on the CPU. Greedy answers for the report
 # run in bf16 where it is fast (about twice float32's tokens/s on AMX/AVX512-BF16 CPUs); interactive chat on

@@ -1,5 +1,6 @@
-"""Scores of one model on evaluation rows: log-probabilities of the reference answers (float32, answer
-tokens only, through qatune's tiled LM head), greedy answers, and their sentence-embedding similarity to the
+"""Scores of one model on evaluation rows: log-probabilities of the reference answers (answer tokens only,
+through qatune's tiled LM head, in the dtype hardware.score_dtype picks: bf16 where the CPU or GPU is fast at
+it, else float32), greedy answers, and their sentence-embedding similarity to the
 chosen and rejected answers. Also reads the extra evaluation files params may list. The score stages
 (one per model) call these; qatune.report turns their outputs into the report.
 """
