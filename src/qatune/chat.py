@@ -8,6 +8,11 @@ Qwen3, Llama 3, Gemma, ...) gets TRL's training copy; Llama 3.1/3.2/3.3 get thei
 here; a ChatML template TRL does not know (SmolLM2) gets qatune's marked ChatML; anything else trains on
 prompt/completion pairs (the last answer only). The training copy is never published: stages save the
 model's original template with every adapter and merged model.
+
+`train.prompt_format: plain` (seed 001) trains on plain text instead, `User: {question}\nAssistant: {answer}`,
+with the loss on the whole text. The format is put on the tokenizer as its chat template when the base loads
+(qatune.modeling.load_base) and published with the adapter, so every runtime that renders a conversation
+(scoring, `qatune ask`, the chat app, serve, the merge and export checks, the GGUF) renders that text.
 """
 
 from __future__ import annotations
@@ -38,15 +43,70 @@ LLAMA3_MARKED_TURN = (
 )
 
 
+# The plain format as a chat template: one `Role: text` line per message, the end-of-sequence token after a
+# final answer (TRL appends it to every plain-text training row), "Assistant:" as the generation prompt (the
+# model writes the space: in training " answer" is one run of tokens after the colon). The Jinja comment
+# marks a template as this format wherever it travels.
+PLAIN_MARK = "{#- qatune train.prompt_format: plain -#}"
+PLAIN_TURNS = (
+    "{%- for message in messages %}"
+    "{%- if not loop.first %}{{ '\\n' }}{%- endif %}"
+    "{{- message['role'] | capitalize + ': ' + message['content'] }}"
+    "{%- if loop.last and message['role'] == 'assistant' %}{{ eos_token }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ ('\\n' if messages else '') + 'Assistant:' }}{%- endif %}"
+)
+# A model trained on whole User:/Assistant: texts may write the next question itself: answers end there too.
+PLAIN_STOP = "\nUser:"
+
+
+def plain_template(tokenizer) -> str:
+    """The plain format as `tokenizer`'s chat template, opening with BOS where tokenizing text adds one (Llama,
+    Gemma, Mistral): the training text gets it from the tokenizer, a rendered prompt from the template."""
+    ids = tokenizer("x")["input_ids"]
+    adds_bos = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    return PLAIN_MARK + ("{{ bos_token }}" if adds_bos else "") + PLAIN_TURNS
+
+
+def is_plain(template: str | dict | None) -> bool:
+    return isinstance(template, str) and PLAIN_MARK in template
+
+
+def plain_text(messages: list[dict]) -> str:
+    """A conversation in the plain format, as PLAIN_TURNS renders it without BOS and EOS (the SFT text)."""
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
+
+
+def stop_strings(template: str | dict | None) -> list[str]:
+    """Texts that end an answer besides the stop tokens: the next "User:" line in the plain format."""
+    return [PLAIN_STOP] if is_plain(template) else []
+
+
+def answer_prefix(template: str | dict | None) -> str:
+    """What sits between the generation prompt and the answer's first word: the space after "Assistant:"
+    in the plain format (the model's to write), nothing in a chat template."""
+    return " " if is_plain(template) else ""
+
+
+def use_prompt_format(tokenizer, prompt_format: str):
+    """`tokenizer` rendering `train.prompt_format`: its own chat template, or the plain format."""
+    if prompt_format == "plain":
+        tokenizer.chat_template = plain_template(tokenizer)
+    return tokenizer
+
+
 def has_generation_markers(template: str | None) -> bool:
     return bool(template) and "generation %}" in template and "endgeneration" in template
 
 
 def chat_template_for_training(tokenizer) -> tuple[str | None, str]:
-    """(the template to train with, loss mode: "assistant_only" or "completion_only") for a tokenizer."""
+    """(the template to train with, loss mode: "assistant_only", "completion_only", or "whole_text" for
+    the plain format) for a tokenizer."""
     template = tokenizer.chat_template
     if isinstance(template, dict):  # named variants: the default one is what apply_chat_template uses
         template = template.get("default")
+    if is_plain(template):
+        return template, "whole_text"
     try:
         from trl.chat_template_utils import get_training_chat_template
 
@@ -91,10 +151,13 @@ def sft_example(
     row: dict, system_prompt: str | None, loss_mode: str, turns: str = "all", kwargs: dict | None = None
 ) -> dict:
     """One SFT example. With a marked template and `turns: all`, a conversation whose every assistant turn
-    is learned (earlier answers of a multi-turn row included); otherwise prompt/completion, where TRL learns
-    the last answer only. `kwargs` are the template variables (template_kwargs)."""
+    is learned (earlier answers of a multi-turn row included); in the plain format (loss mode whole_text) its
+    text, learned whole (TRL appends EOS); otherwise prompt/completion, where TRL learns the last answer only.
+    `kwargs` are the template variables (template_kwargs)."""
     prompt = conversation(row, system_prompt)
     answer = {"role": "assistant", "content": row["chosen"]}
+    if loss_mode == "whole_text":
+        return {"text": plain_text([*prompt, answer])}
     example = (
         {"messages": [*prompt, answer]}
         if loss_mode == "assistant_only" and turns == "all"

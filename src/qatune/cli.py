@@ -12,11 +12,14 @@
     qatune plan --profile profiles/seed003-mistral-qlora.yaml --gpu-gb 16 24   # each stage's memory plan
 
 Defaults come from params.yaml: `generate` (sampling, merged or adapter mode), `chat` (bind address,
-port, input cap, queue), `serve` (the API's address, key variable, queue and size limits) and
-`train.system_prompt` (the prompt the model was trained with). Flags override
-them for one run. `merged` serves models/merged (run `dvc repro merge` first); `adapter` serves
-models/base with the LoRA adapter models/dpo on top; `gguf` serves the export stage's GGUF in llama.cpp
-(models/gguf/model-<export.modelfile_quant>.gguf, as Ollama would; run `dvc repro export` first).
+port, input cap, queue, and the device, dtype and adapter every command serves with), `serve` (the API's
+address, key variable, queue and size limits) and `train.system_prompt` (the prompt the model was trained
+with). Flags override them for one run. `merged` serves models/merged (run `dvc repro merge` first);
+`adapter` serves models/base with the LoRA adapter models/dpo on top (or `chat.adapter`: another folder or a
+Hub repo id); `gguf` serves the export stage's GGUF in llama.cpp (models/gguf/model-<export.modelfile_quant>.gguf,
+as Ollama would; run `dvc repro export` first).
+
+    qatune chat --mode adapter --adapter-dir your-name/your-lora --device cpu --dtype float32   # seed 004's app
 """
 
 from __future__ import annotations
@@ -64,16 +67,23 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument(
         "--model-dir",
         help=f"merged mode: the merged model (default {inference.MERGED_DIR}); "
-        f"adapter mode: the base model (default {inference.BASE_DIR}); "
+        f"adapter mode: the base model (default {inference.BASE_DIR}); either a folder or a Hub repo id; "
         "gguf mode: the .gguf file (default models/gguf/model-<export.modelfile_quant>.gguf)",
     )
     common.add_argument(
         "--adapter-dir",
-        default=inference.ADAPTER_DIR,
-        help=f"adapter mode: the LoRA adapter folder (default {inference.ADAPTER_DIR})",
+        help="adapter mode: the LoRA adapter, a folder or a Hub repo id (owner/name; HF_HUB_OFFLINE=1: the "
+        f"cached snapshot only) (default: chat.adapter, else {inference.ADAPTER_DIR})",
     )
     common.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when a GPU is visible"
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when a GPU is visible (default: chat.device)",
+    )
+    common.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="the weights' dtype; auto: bf16 or fp16 on a GPU, float32 on a CPU (default: chat.dtype)",
     )
     common.add_argument("--temperature", type=float, help="0 = greedy (default: generate.temperature)")
     common.add_argument("--top-p", type=float, help="nucleus sampling mass (default: generate.top_p)")
@@ -212,6 +222,11 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def adapter_ref(args: argparse.Namespace, params: Params) -> str:
+    """The adapter adapter mode serves: --adapter-dir, else chat.adapter, else this pipeline's."""
+    return args.adapter_dir or params.chat.adapter or inference.ADAPTER_DIR
+
+
 def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loaded:
     quiet_libraries()
     default_dir = {
@@ -219,13 +234,20 @@ def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loade
         "adapter": inference.BASE_DIR,
         "gguf": f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf",
     }[mode]
+    # Folders named by hand may be Hub repo ids; the pipeline's own outputs are always local.
+    model_ref, adapter = args.model_dir or default_dir, adapter_ref(args, params)
+    model_dir = inference.local_folder(model_ref, "model") if args.model_dir and mode != "gguf" else model_ref
+    given = adapter != inference.ADAPTER_DIR and mode == "adapter"
+    adapter_dir = inference.local_folder(adapter, "adapter") if given else adapter
     loaded = inference.load_model(
         mode,
-        args.model_dir or default_dir,
-        args.adapter_dir,
-        device=args.device,
+        model_dir,
+        adapter_dir,
+        device=args.device or params.chat.device,
         trust_remote_code=params.train.trust_remote_code,
         enable_thinking=params.train.enable_thinking,
+        dtype=args.dtype or params.chat.dtype,
+        source=(f"{model_ref} + {adapter}" if mode == "adapter" else model_ref),
     )
     print(f"qatune: {loaded.source} on {loaded.device} ({loaded.dtype})", file=sys.stderr)
     return loaded
@@ -328,7 +350,10 @@ def compare_chat(args: argparse.Namespace, params: Params, settings, app) -> Non
         specs = tuple(model_spec(arg, base_dir) for arg in args.compare)
     else:
         gguf = f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf"
-        specs = default_specs(settings.mode, base_dir, inference.MERGED_DIR, args.adapter_dir, gguf)
+        adapter = adapter_ref(args, params)
+        if adapter != inference.ADAPTER_DIR and settings.mode == "adapter":
+            adapter = inference.local_folder(adapter, "adapter")
+        specs = default_specs(settings.mode, base_dir, inference.MERGED_DIR, adapter, gguf)
     if specs[0].name == specs[1].name:
         raise QatuneError(f"chat --compare: both models are {specs[0].name}; give two different ones")
     quiet_libraries()
@@ -337,10 +362,11 @@ def compare_chat(args: argparse.Namespace, params: Params, settings, app) -> Non
         contestants[spec.name] = inference.load_model(
             spec.mode,
             spec.model_dir,
-            spec.adapter_dir or args.adapter_dir,
-            device=args.device,
+            spec.adapter_dir or adapter_ref(args, params),
+            device=args.device or params.chat.device,
             trust_remote_code=params.train.trust_remote_code,
             enable_thinking=params.train.enable_thinking,
+            dtype=args.dtype or params.chat.dtype,
         )
         loaded = contestants[spec.name]
         print(f"qatune: {loaded.source} on {loaded.device} ({loaded.dtype})", file=sys.stderr)

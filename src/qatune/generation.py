@@ -5,9 +5,10 @@ answers for people are qatune.inference's. Every generation path stops where `st
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from qatune.chat import conversation
+from qatune.chat import conversation, stop_strings
 
 ANSWER_MARK = "\x00ANSWER\x00"  # a stand-in answer no template rewrites, to find the text after it
 
@@ -15,10 +16,12 @@ ANSWER_MARK = "\x00ANSWER\x00"  # a stand-in answer no template rewrites, to fin
 @dataclass(frozen=True)
 class StopTokens:
     """The tokens that end an answer: `ids` for transformers' generate, `texts` for llama.cpp and Ollama.
-    The chat template's end-of-turn token comes first, then the tokenizer's and generation config's eos."""
+    The chat template's end-of-turn token comes first, then the tokenizer's and generation config's eos.
+    `strings` are texts that end it too, cut from the answer (the plain format's next "User:" line)."""
 
     ids: list[int]
     texts: list[str]
+    strings: tuple[str, ...] = ()
 
     @property
     def eos_token_id(self) -> int | list[int]:
@@ -56,7 +59,34 @@ def stop_tokens(tokenizer, generation_config=None, template_kwargs: dict | None 
     config_eos = config_eos if isinstance(config_eos, list) else [config_eos]
     ids = [i for i in dict.fromkeys([end_of_turn, tokenizer.eos_token_id, *config_eos]) if i is not None]
     texts = [tokenizer.convert_ids_to_tokens(i) for i in ids]
-    return StopTokens(ids, [t for t in texts if t])
+    return StopTokens(ids, [t for t in texts if t], tuple(stop_strings(tokenizer.chat_template)))
+
+
+def cut_at_stop(text: str, strings: Iterable[str]) -> tuple[str, bool]:
+    """`text` up to the first of the stop strings, and whether one was there."""
+    found = [text.index(s) for s in strings if s in text]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def until_stop(pieces: Iterable[str], strings: tuple[str, ...]) -> Iterator[str]:
+    """A streamed answer as a reader should see it: without its leading whitespace (the space a plain-format
+    model writes after "Assistant:"), and ended before the first stop string, none of which is ever shown:
+    a tail that may be the start of one waits for the next piece."""
+    held, started = "", False
+    for piece in pieces:
+        held += piece
+        text, stopped = cut_at_stop(held, strings)
+        wait = max((k for s in strings for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        out, held = (text, "") if stopped else (held[: len(held) - wait], held[len(held) - wait :])
+        out = out if started else out.lstrip()
+        if out:
+            started = True
+            yield out
+        if stopped:
+            return
+    tail = held if started else held.lstrip()
+    if tail:
+        yield tail
 
 
 def gguf_chat_formatter(llm, add_generation_prompt: bool = True, stop_token_ids: list[int] | None = None):
@@ -121,7 +151,10 @@ def greedy_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     finished: list[bool] = [False] * len(prompts)
-    eos_ids = stop_tokens(tokenizer, model.generation_config, template_kwargs).ids
+    stops = stop_tokens(tokenizer, model.generation_config, template_kwargs)
+    eos_ids = stops.ids
+    # stop strings need the tokenizer in generate (transformers' StopStringCriteria); none in chat templates
+    strings = {"stop_strings": list(stops.strings), "tokenizer": tokenizer} if stops.strings else {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -143,12 +176,14 @@ def greedy_answers(
                         temperature=None,
                         top_p=None,
                         top_k=None,
+                        **strings,
                     )
                 new = out[:, enc["input_ids"].shape[1] :]
                 for row, i in enumerate(idx):
                     ids = new[row].tolist()
-                    finished[i] = any(t in eos_ids for t in ids)
-                    answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    text, cut = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops.strings)
+                    finished[i] = cut or any(t in eos_ids for t in ids)
+                    answers[i] = text.strip()
                 bar.update(len(idx))
     finally:
         tokenizer.padding_side = side

@@ -2,7 +2,7 @@
 fused LM head, and the dtype models load in. The choices are small pure functions (unit-tested as tables);
 `probe()` reads the machine and `resolve()` applies the choices to the `train` params block.
 
-CUDA-only paths (Unsloth, 4-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
+CUDA-only paths (Unsloth, 4-bit and 8-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
 """
 
 from __future__ import annotations
@@ -64,11 +64,16 @@ def select_lm_head(requested: str, cuda: bool, backend: str) -> str:
     return requested
 
 
-def check_quantization(load_in_4bit: bool, cuda_available: bool) -> None:
+def check_quantization(load_in_4bit: bool, cuda_available: bool, load_in_8bit: bool = False) -> None:
     if load_in_4bit and not cuda_available:
         raise QatuneError(
             "train.load_in_4bit: 4-bit (QLoRA) loading needs a CUDA GPU and bitsandbytes; "
             "set train.load_in_4bit: false to train in full precision on CPU"
+        )
+    if load_in_8bit and not cuda_available:
+        raise QatuneError(
+            "train.load_in_8bit: 8-bit (bitsandbytes LLM.int8) loading needs a CUDA GPU and bitsandbytes; "
+            "set train.load_in_8bit: false to train in full precision on CPU"
         )
 
 
@@ -232,7 +237,7 @@ def resolve(train) -> dict[str, Any]:
     pin_one_gpu(train.num_processes)
     hw = probe()
     check_cuda_required(train.require_cuda, hw["cuda"])
-    check_quantization(train.load_in_4bit, hw["cuda"])
+    check_quantization(train.load_in_4bit, hw["cuda"], train.load_in_8bit)
     backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
     precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
     head = select_lm_head(train.lm_head, hw["cuda"], backend)

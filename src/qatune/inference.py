@@ -2,12 +2,15 @@
 
 Shared by `qatune ask` (stdout) and `qatune chat` (Gradio). Two ways to load the model (seed 001):
 `merged` reads models/merged (one plain model, the fast path); `adapter` reads models/base and puts the
-final LoRA adapter (models/dpo) on top with peft, as trained. The choices that depend on the machine
-(device, dtype, how many new tokens fit in memory) are small pure functions, unit-tested without a GPU.
+final LoRA adapter (models/dpo) on top with peft, as trained. A folder given by hand may also be a Hub repo
+id (seed 004's app loads its adapter so), snapshot into the Hugging Face cache. The choices that depend on
+the machine (device, dtype, how many new tokens fit in memory) are small pure functions, unit-tested
+without a GPU.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,9 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from qatune import hardware, modeling
-from qatune.chat import conversation, template_kwargs
+from qatune.base_model import WEIGHT_PATTERNS
+from qatune.chat import conversation, stop_strings, template_kwargs
 from qatune.errors import QatuneError
-from qatune.generation import gguf_chat_formatter, gguf_stop_tokens, stop_tokens
+from qatune.generation import gguf_chat_formatter, gguf_stop_tokens, stop_tokens, until_stop
 from qatune.params import GenerateParams
 
 # Only part of the free memory goes to the KV cache: the forward pass also needs activations and a
@@ -33,6 +37,7 @@ MERGED_DIR = "models/merged"
 BASE_DIR = "models/base"
 ADAPTER_DIR = "models/dpo"
 GGUF_DIR = "models/gguf"
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")  # owner/name
 
 
 # --------------------------------------------------------------------------- machine choices (pure)
@@ -76,6 +81,18 @@ def kv_geometry(config: Any) -> tuple[int, int, int]:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return text.num_hidden_layers, kv_heads, head_dim
+
+
+def serve_dtype(requested: str, device: str, auto: str) -> str:
+    """The dtype a served model loads in (`chat.dtype`): `auto` is hardware.placement's (bf16 or fp16 on a
+    GPU, float32 on a CPU); float16 on a CPU is refused, as slow where it runs at all."""
+    if requested == "auto":
+        return auto
+    if requested not in ("float32", "bfloat16", "float16"):
+        raise QatuneError(f"chat.dtype: unknown dtype '{requested}' (auto, float32, bfloat16, float16)")
+    if requested == "float16" and device == "cpu":
+        raise QatuneError("chat.dtype: float16 needs a CUDA GPU; use float32 or bfloat16 on the CPU")
+    return requested
 
 
 # --------------------------------------------------------------------------- input and prompt (pure)
@@ -157,6 +174,29 @@ def require_model_files(mode: str, model_dir: str | Path, adapter_dir: str | Pat
         raise QatuneError(f"{adapter_dir}: no LoRA adapter found; run `dvc repro dpo` first")
 
 
+def is_hub_id(ref: str) -> bool:
+    """An owner/name that names nothing here: a path that exists, or whose first folder exists (models/...
+    before the pipeline has written it), is a local folder."""
+    return bool(HUB_ID.match(ref)) and not Path(ref).exists() and not Path(ref.split("/")[0]).exists()
+
+
+def local_folder(ref: str, what: str) -> str:
+    """`ref` when it is a local path; for a Hub repo id, its snapshot folder in the Hugging Face cache,
+    downloaded once by huggingface_hub (which, under HF_HUB_OFFLINE=1, uses the cached snapshot only)."""
+    if not is_hub_id(ref):
+        return ref
+    from huggingface_hub import snapshot_download
+
+    try:
+        # what fetch takes of a base: safetensors weights (never pickles), configs, tokenizer, template
+        return snapshot_download(ref, allow_patterns=WEIGHT_PATTERNS)
+    except Exception as err:  # offline without a cached copy, missing, gated: name the repo and the reason
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise QatuneError(
+            f"{what} '{ref}': no such folder here, and no Hub snapshot of it: {type(err).__name__}: {first}"
+        ) from None
+
+
 def free_memory_bytes(device: str) -> int:
     """Free GPU memory on cuda, available RAM (incl. reclaimable cache) on cpu.
 
@@ -179,22 +219,26 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     enable_thinking: bool = False,
+    dtype: str = "auto",
+    source: str | None = None,
 ) -> Loaded:
     """Load the merged model, or the base model plus the LoRA adapter, on the chosen device.
 
     Safetensors only. The tokenizer comes from the folder saved with the trained weights (it carries the
     model's own chat template); an adapter folder without one falls back to the base's. Device and dtype
-    follow qatune.hardware.placement("serve"): bf16 or fp16 on a GPU, float32 on a CPU.
+    follow qatune.hardware.placement("serve"), bf16 or fp16 on a GPU, float32 on a CPU, unless `dtype`
+    names one (serve_dtype). `source` names the model in the banner (a Hub id rather than its cache path).
     """
     require_model_files(mode, model_dir, adapter_dir)
     if mode == "gguf":
         return load_gguf(Path(model_dir))
     hw = hardware.probe()
     device = hardware.select_device(device, hw["cuda"])
-    device, dtype = hardware.placement("serve", {**hw, "cuda": device == "cuda"})
+    device, auto = hardware.placement("serve", {**hw, "cuda": device == "cuda"})
+    dtype = serve_dtype(dtype, device, auto)
     adapters = [("default", adapter_dir)] if mode == "adapter" else []
     model, tokenizer = modeling.load_with_adapters(model_dir, adapters, dtype, device, trust_remote_code)
-    source = f"{model_dir} + {adapter_dir}" if mode == "adapter" else str(model_dir)
+    source = source or (f"{model_dir} + {adapter_dir}" if mode == "adapter" else str(model_dir))
     kwargs = template_kwargs(tokenizer.chat_template, enable_thinking)
     return Loaded(model, tokenizer, device, dtype, source, kwargs)
 
@@ -225,6 +269,7 @@ def stream_gguf(loaded: Loaded, messages: list[dict], settings: GenerateParams, 
     allowed = max(1, min(settings.max_new_tokens, llm.n_ctx() - prompt_tokens))
     if allowed < settings.max_new_tokens and on_cap:
         on_cap(settings.max_new_tokens, allowed)
+    strings = tuple(stop_strings(llm.metadata.get("tokenizer.chat_template")))
     chunks = llm.create_chat_completion(
         messages,
         stream=True,
@@ -233,11 +278,10 @@ def stream_gguf(loaded: Loaded, messages: list[dict], settings: GenerateParams, 
         top_p=settings.top_p,
         repeat_penalty=settings.repetition_penalty,
         seed=0,
+        stop=list(strings),
     )
-    for chunk in chunks:
-        piece = chunk["choices"][0]["delta"].get("content")
-        if piece:
-            yield piece
+    pieces = (p for p in (chunk["choices"][0]["delta"].get("content") for chunk in chunks) if p)
+    yield from until_stop(pieces, strings) if strings else pieces
 
 
 # --------------------------------------------------------------------------- generation
@@ -298,8 +342,10 @@ def stream_answer(
     failure: list[BaseException] = []
     pad_id = loaded.tokenizer.pad_token_id
     pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
-    # the template's end-of-turn token (Gemma's <end_of_turn>, not only its <eos>) ends the answer
-    stop_ids = stop_tokens(loaded.tokenizer, loaded.model.generation_config, loaded.template_kwargs).ids
+    # the template's end-of-turn token (Gemma's <end_of_turn>, not only its <eos>) ends the answer, and in
+    # the plain format the next "User:" line, which is cut from what streams
+    stops = stop_tokens(loaded.tokenizer, loaded.model.generation_config, loaded.template_kwargs)
+    strings = {"stop_strings": list(stops.strings), "tokenizer": loaded.tokenizer} if stops.strings else {}
 
     def run() -> None:
         try:
@@ -308,9 +354,10 @@ def stream_answer(
                     **inputs,
                     streamer=streamer,
                     max_new_tokens=allowed,
-                    eos_token_id=stop_ids,
+                    eos_token_id=stops.ids,
                     pad_token_id=pad_id,
                     stopping_criteria=StoppingCriteriaList([StopWhenSet()]),
+                    **strings,
                     **sampling_kwargs(settings),
                 )
         except BaseException as err:  # handed to the caller's thread below
@@ -320,7 +367,8 @@ def stream_answer(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     try:
-        yield from (piece for piece in streamer if piece)
+        pieces = (piece for piece in streamer if piece)
+        yield from until_stop(pieces, stops.strings) if stops.strings else pieces
     finally:
         stop.set()
         thread.join()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from qatune.chat import use_prompt_format
 from qatune.hardware import fsdp_launched, training_dtype
 
 UNSLOTH_COMPILE_LOCATION = ".cache/unsloth_compiled_cache"
@@ -44,7 +45,8 @@ def lora_config(train):
 
 
 def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
-    """(model, tokenizer) for training on the resolved backend (qatune.hardware.resolve)."""
+    """(model, tokenizer) for training on the resolved backend (qatune.hardware.resolve). The tokenizer
+    renders `train.prompt_format`: the model's chat template, or seed 001's plain User:/Assistant: text."""
     if hw["backend"] == "unsloth":  # CUDA only: imported here and nowhere else
         from unsloth import FastLanguageModel
 
@@ -55,30 +57,23 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
             model_name=model_dir,
             max_seq_length=max_length,
             load_in_4bit=train.load_in_4bit,
+            # Unsloth's own 8-bit switch (its README's `load_in_8bit = True`), passed only when asked for
+            **({"load_in_8bit": True} if train.load_in_8bit else {}),
             dtype=None,
             trust_remote_code=train.trust_remote_code,
         )
-        return model, ensure_pad_token(tokenizer)
+        return model, use_prompt_format(ensure_pad_token(tokenizer), train.prompt_format)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quantised = train.load_in_4bit or train.load_in_8bit  # hardware.check_quantization has required CUDA
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": train.trust_remote_code}
-    if train.load_in_4bit:  # hardware.check_quantization has already required CUDA
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if hw["precision"] == "bf16" else torch.float16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=train.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=compute,
-            # FSDP shards floating-point parameters only (accelerate 1.15 leaves uint8 Params4bit whole on
-            # every GPU): the packed 4-bit weights stored as the compute dtype shard like the others.
-            **({"bnb_4bit_quant_storage": compute} if fsdp_launched() else {}),
-        )
+    if quantised:
+        kwargs["quantization_config"] = quantization_config(train, hw["precision"], fsdp_launched())
     # Straight onto this process's GPU, in the dtype of the mixed precision; under FSDP a 16-bit base loads
-    # on the CPU (rank 0's weights only) and FSDP moves each rank's shard to its GPU.
-    if hw["cuda"] and not (fsdp_launched() and not train.load_in_4bit):
+    # on the CPU (rank 0's weights only) and FSDP moves each rank's shard to its GPU (params refuse 8-bit
+    # under FSDP).
+    if hw["cuda"] and not (fsdp_launched() and not quantised):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     if hw["cuda"]:
         kwargs.setdefault("dtype", getattr(torch, training_dtype(hw["precision"])))
@@ -86,13 +81,35 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
         kwargs["dtype"] = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if train.load_in_4bit:
+    if quantised:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=train.activation_checkpointing
         )
-    return model, ensure_pad_token(tokenizer)
+    return model, use_prompt_format(ensure_pad_token(tokenizer), train.prompt_format)
+
+
+def quantization_config(train, precision: str, fsdp: bool):
+    """The BitsAndBytesConfig the transformers backend loads a quantised base with: 4-bit (QLoRA: nf4 or
+    fp4, double quantisation, compute in the training precision) or 8-bit (LLM.int8); None for neither."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if train.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not train.load_in_4bit:
+        return None
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=train.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=train.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # FSDP shards floating-point parameters only (accelerate 1.15 leaves uint8 Params4bit whole on
+        # every GPU): the packed 4-bit weights stored as the compute dtype shard like the others.
+        **({"bnb_4bit_quant_storage": compute} if fsdp else {}),
+    )
 
 
 def ensure_pad_token(tokenizer):
@@ -143,22 +160,24 @@ def load_trainable_adapter(model, folder: str | Path, train, backend: str):
     return model
 
 
-# The BitsAndBytesConfig fields that say how the base's weights were quantised.
+# The BitsAndBytesConfig fields that say how the base's weights were quantised, in 4 and in 8 bits.
 BNB_FIELDS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+BNB_8BIT_FIELDS = ("load_in_8bit", "llm_int8_threshold")
 
 
 def quantization_record(model, train, backend: str) -> dict[str, Any] | None:
-    """For the provenance: the 4-bit settings the loaded weights carry (model.config.quantization_config),
-    and on the unsloth backend which `train` keys did not apply. Unsloth 2026.10.7 builds its own
-    BitsAndBytesConfig (nf4, double quantisation, compute dtype of the model; models/llama.py) and qatune
-    passes it none, so train.bnb_4bit_quant_type and bnb_4bit_use_double_quant only reach the transformers
-    backend. None when the base is not quantised."""
-    if not train.load_in_4bit:
+    """For the provenance: the 4-bit or 8-bit settings the loaded weights carry
+    (model.config.quantization_config), and on the unsloth backend which `train` keys did not apply. Unsloth
+    2026.10.7 builds its own BitsAndBytesConfig (nf4, double quantisation, compute dtype of the model;
+    models/llama.py) and qatune passes it none, so train.bnb_4bit_quant_type and bnb_4bit_use_double_quant
+    only reach the transformers backend. None when the base is not quantised."""
+    if not (train.load_in_4bit or train.load_in_8bit):
         return None
     config = getattr(model.config, "quantization_config", None)
     applied = config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-    record: dict[str, Any] = {"applied": {k: str(applied[k]) for k in BNB_FIELDS if k in applied}}
-    if backend == "unsloth":
+    fields = BNB_FIELDS if train.load_in_4bit else BNB_8BIT_FIELDS
+    record: dict[str, Any] = {"applied": {k: str(applied[k]) for k in fields if k in applied}}
+    if backend == "unsloth" and train.load_in_4bit:
         record["not_applied"] = ["train.bnb_4bit_quant_type", "train.bnb_4bit_use_double_quant"]
     return record
 

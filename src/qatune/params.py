@@ -100,6 +100,11 @@ class TrainParams(Strict):
     backend: Literal["auto", "transformers", "unsloth"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     load_in_4bit: bool = False
+    load_in_8bit: bool = Field(
+        False,
+        description="bitsandbytes 8-bit (LLM.int8) weights under the LoRA adapter, CUDA only (seed 002); "
+        "not with load_in_4bit",
+    )
     require_cuda: bool = Field(
         False,
         description="a GPU profile: stop in one line when torch sees no CUDA GPU instead of training on the CPU",
@@ -118,6 +123,12 @@ class TrainParams(Strict):
         False, description="run model code from the Hub when loading the base; off unless a profile needs it"
     )
     system_prompt: str | None = None
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        description="chat: the model's chat template, the loss on the answers; plain: seed 001's "
+        "'User: {question}\\nAssistant: {answer}' text, the loss on the whole text (a system prompt becomes a "
+        "'System:' line), carried with the adapter as its chat template for every later stage and the chat app",
+    )
     enable_thinking: bool = Field(
         False, description="Qwen3-style templates: thinking blocks on or off, in training, scoring and chat"
     )
@@ -128,6 +139,20 @@ class TrainParams(Strict):
         "ddp",
         description="with several processes: ddp (a full copy per GPU) or fsdp (FSDP2, sharded; GPUs only)",
     )
+
+    @model_validator(mode="after")
+    def _one_quantisation(self) -> TrainParams:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError(
+                "train.load_in_4bit and train.load_in_8bit are both true: choose one (4-bit nf4, QLoRA; or "
+                "8-bit LLM.int8)"
+            )
+        if self.load_in_8bit and self.distributed == "fsdp" and self.num_processes > 1:
+            raise ValueError(
+                "train.load_in_8bit: FSDP shards 16-bit and 4-bit bases only (the 4-bit weights stored in the "
+                "compute dtype); use train.distributed: ddp, or train.load_in_4bit"
+            )
+        return self
 
 
 class OptimParams(Strict):
@@ -175,9 +200,11 @@ class SFTParams(OptimParams):
 
 
 # The losses TRL 1.16 implements: DPOTrainer (combinable, weighted) and KTOTrainer (one at a time).
-# sigmoid_norm is the length-normalised (SimPO-style) DPO loss; sft adds the chosen answers' NLL.
+# sigmoid_norm is the length-normalised (SimPO-style) DPO loss; sft adds the chosen answers' NLL. Left out:
+# exo_pair, which DPOTrainer refuses without a label_smoothing > 0 that no params key sets (it said so only
+# once the model had loaded).
 DPO_LOSSES = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
 KTO_LOSSES = ("kto", "apo_zero_unpaired")
@@ -240,6 +267,12 @@ class DPOParams(OptimParams):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(
                 f"dpo.loss_weights has {len(self.loss_weights)} values for {len(self.loss_type)} loss types"
+            )
+        # KTOTrainer refuses it when it is built, after the model loaded and the on-policy answers were made
+        if self.enabled and self.loss_type == ["kto"] and self.batch_size < 2:
+            raise ValueError(
+                f"dpo.batch_size: {self.batch_size} with dpo.loss_type [kto]: KTO estimates its KL term from the "
+                "other answers of a batch, so it needs batch_size >= 2 (or loss_type [apo_zero_unpaired])"
             )
         return self
 
@@ -355,6 +388,22 @@ class ChatParams(Strict):
     votes: str = Field(
         "data/feedback/votes.jsonl",
         description="`qatune chat --compare` appends each vote here, as preference rows a local source reads",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where qatune chat (and ask, serve) load the model: auto = the GPU when one is visible; "
+        "cpu = always the CPU (seed 004's app)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the served weights' dtype: auto = bf16 (fp16 without bf16) on a GPU, float32 on a CPU; "
+        "float16 needs the GPU",
+    )
+    adapter: str | None = Field(
+        None,
+        description="adapter mode (generate.mode: adapter): the LoRA adapter served on the base, a local folder or "
+        "a Hub repo id (owner/name, snapshot through huggingface_hub, which HF_HUB_OFFLINE=1 keeps to its "
+        "cache); null = models/dpo, this pipeline's",
     )
 
 

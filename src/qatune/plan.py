@@ -6,7 +6,8 @@ anything loads, and where score and merge run.
 
 The arithmetic, per stage (GB = 1e9 bytes; a card's "24 GB" is taken as 24e9, a little under its real size):
   weights      parameters (counted from config.json: embeddings, attention, MLP, norms) x bytes per parameter:
-               4 in float32, 2 in bf16/fp16; 4-bit nf4 0.5 byte + its constants on the decoder's linear layers
+               4 in float32, 2 in bf16/fp16; 4-bit nf4 0.5 byte + its constants (8-bit int8: 1 byte) on the
+               decoder's linear layers
   adapter      LoRA parameters (r x (in + out) per targeted module and layer) in float32, with their gradient and
                AdamW's two states while training
   activations  what backward keeps per token and layer (only each layer's input under activation checkpointing,
@@ -44,6 +45,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # quantisation, 8-bit absmaxes (1/64) plus one fp32 constant per 256 of them (4/(64*256)): ~0.4 bit saved.
 NF4_BYTES = 0.5 + 4 / 64
 NF4_DOUBLE_QUANT_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# LLM.int8: one byte per weight plus a float32 scale per output row (4 / in_features: < 0.005 byte at 896 inputs).
+INT8_BYTES = 1.0
 # Trainable LoRA parameters: float32 weight, gradient and AdamW's two moments (4+4+8); adamw_8bit keeps the
 # moments in one byte each (4+4+2).
 LORA_TRAIN_BYTES = {"adamw": 16, "adamw_8bit": 10}
@@ -248,9 +251,10 @@ def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: b
     continues an SFT adapter, TRL's frozen `ref` copy of that adapter (ref_adapter)."""
     cuda, half = hw["cuda"], hw["precision"] in ("bf16", "fp16")
     n = parameters(a)
-    if train.load_in_4bit:  # peft's prepare_model_for_kbit_training upcasts what is not 4-bit to float32
+    if train.load_in_4bit or train.load_in_8bit:  # peft upcasts what is not quantised to float32
         q = linear_parameters(a)
         per = NF4_DOUBLE_QUANT_BYTES if train.bnb_4bit_use_double_quant else NF4_BYTES
+        per = per if train.load_in_4bit else INT8_BYTES
         weights = q * per + (n - q) * (2 if hw["backend"] == "unsloth" else 4)
     else:
         weights = n * (2 if cuda and half else 4)  # hardware.training_dtype: CPU weights stay float32
@@ -278,7 +282,7 @@ def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: b
     }
     device, have = ("cuda", hw["gpu_gb"]) if cuda else ("cpu", hw["ram_gb"])
     dtype = hardware.training_dtype(hw["precision"]) if cuda else "float32"
-    dtype = "nf4" if train.load_in_4bit else dtype
+    dtype = "nf4" if train.load_in_4bit else "int8" if train.load_in_8bit else dtype
     need = _total(parts)
     advice = f"lower {stage}.batch_size or {stage}.max_length, turn on train.activation_checkpointing" + (
         "" if train.load_in_4bit else " or train.load_in_4bit"
@@ -402,7 +406,7 @@ def card(gpu_gb: float, bf16: bool = True, ram_gb: float | None = None) -> dict[
 
 def resolve_training(train, hw: dict[str, Any]) -> dict[str, Any]:
     """hardware.resolve()'s choices without torch, for a machine that is only described (card())."""
-    hardware.check_quantization(train.load_in_4bit, hw["cuda"])
+    hardware.check_quantization(train.load_in_4bit, hw["cuda"], train.load_in_8bit)
     unsloth = hw.get("unsloth", hw["cuda"] and hardware.unsloth_importable())
     backend = hardware.select_backend(train.backend, hw["cuda"], unsloth)
     precision = hardware.select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qatune.chat import conversation
+from qatune.chat import answer_prefix, conversation
 from qatune.errors import QatuneError
 from qatune.formats import RowError, to_canonical
 from qatune.generation import stop_tokens
@@ -47,8 +47,10 @@ def encode_pairs(
     template_kwargs: dict | None = None,
 ) -> list[tuple[list[int], int]]:
     """(token ids, answer start) per row: the chat-templated prompt, then the answer and end of turn (the
-    token the template closes an answer with: Gemma's <end_of_turn>, not its <eos>)."""
+    token the template closes an answer with: Gemma's <end_of_turn>, not its <eos>). In the plain format the
+    answer keeps the space after "Assistant:", as the model learnt it."""
     end = next(iter(stop_tokens(tokenizer, template_kwargs=template_kwargs).ids), None)
+    lead = answer_prefix(tokenizer.chat_template)
     out = []
     for row in rows:
         prompt_ids = tokenizer.apply_chat_template(
@@ -60,7 +62,7 @@ def encode_pairs(
         )
         if hasattr(prompt_ids, "input_ids"):  # some tokenizers return a BatchEncoding
             prompt_ids = prompt_ids["input_ids"]
-        answer_ids = tokenizer(row[field], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(lead + row[field], add_special_tokens=False)["input_ids"]
         out.append((list(prompt_ids) + answer_ids + ([end] if end is not None else []), len(prompt_ids)))
     return out
 

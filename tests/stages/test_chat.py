@@ -64,9 +64,11 @@ def chat_project(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     return proj
 
 
-def qatune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+def qatune(
+    args: list[str], cwd: Path, env_extra: dict | None = None, **kwargs
+) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "qatune"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
 
 
@@ -107,6 +109,36 @@ def test_ask_answers_a_questions_file_in_turn(chat_project: Path):
     from_json = qatune(["ask", "--questions", "questions.json", "--output", "again.jsonl"], chat_project)
     assert (chat_project / "again.jsonl").read_text() == (chat_project / "answers.jsonl").read_text()
     assert from_json.returncode == 0
+
+
+def test_ask_serves_an_adapter_by_hub_id_on_the_cpu_in_float32(chat_project: Path, tmp_path: Path):
+    """Seed 004's app: the base in float32 on the CPU with a LoRA adapter named by its Hub repo id, here from a
+    Hugging Face cache the way a download leaves it (HF_HUB_OFFLINE=1: the snapshot is found without asking
+    the Hub). chat.adapter, chat.device and chat.dtype say it in params; the answer is the local adapter's."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--tiny-lora"
+    shutil.copytree(chat_project / "models" / "dpo", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    params = yaml.safe_load((chat_project / "params.yaml").read_text())
+    params["chat"].update(adapter="someone/tiny-lora", device="cpu", dtype="float32")
+    (chat_project / "hub-adapter.yaml").write_text(yaml.safe_dump(params))
+    env = {"HF_HUB_CACHE": str(tmp_path / "cache")}
+    question = ["--mode", "adapter", "--max-new-tokens", "12", "How much protein do I need?"]
+
+    local = qatune(["ask", *question], chat_project)
+    hub = qatune(["ask", "--params", "hub-adapter.yaml", *question], chat_project, env_extra=env)
+    assert hub.returncode == 0, hub.stderr
+    assert "qatune: models/base + someone/tiny-lora on cpu (float32)" in hub.stderr
+    assert hub.stdout == local.stdout and hub.stdout.strip()
+    # the flags override the params for one run; a repo missing from the cache offline is a one-line error
+    half = qatune(
+        ["ask", "--params", "hub-adapter.yaml", "--dtype", "bfloat16", *question], chat_project, env_extra=env
+    )
+    assert half.returncode == 0 and "someone/tiny-lora on cpu (bfloat16)" in half.stderr, half.stderr
+    missing = qatune(["ask", "--adapter-dir", "someone/other-lora", *question], chat_project, env_extra=env)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert "adapter 'someone/other-lora': no such folder here, and no Hub snapshot of it" in missing.stderr
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Each seed profile's own values, run through the stages on a tiny random model of its architecture family
 with the family's real chat template (the string TRL ships for Qwen2.5, Qwen3 and Gemma, Llama 3.2's own,
-Mistral Instruct v0.1's own), which must train on assistant tokens only and be published unchanged.
+Mistral Instruct v0.1's own), which must train on assistant tokens only and be published unchanged; seed 001
+trains and publishes its plain User:/Assistant: format instead (train.prompt_format: plain).
 
 Only steps and sizes are cut, plus what cannot run here; each cut is listed in `cuts()` and printed, and the
 test checks that every other value is the profile's (default recipe + profile) in the params file written, in
@@ -24,6 +25,7 @@ from transformers import AutoTokenizer
 from trl import chat_template_utils as trl_templates
 
 from qatune import training
+from qatune.chat import is_plain
 from qatune.profiles import SEEDS, flatten, resolve
 from qatune.provenance import PROVENANCE_FILE
 from qatune.tiny import save_tiny
@@ -131,10 +133,16 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
     sft = json.loads((proj / "metrics/sft.json").read_text())
     if params.sft.enabled:
         assert sft["steps"] == 2 and sft["train_loss"] > 0
-        # Loss on answer tokens only: by the template's generation marks, or (a template without them, such
-        # as Mistral's) as prompt/completion pairs.
-        assert sft["loss_mode"] == ("completion_only" if seed.family == "mistral" else "assistant_only")
-        assert AutoTokenizer.from_pretrained(proj / "models/sft").chat_template == template  # the original
+        published = AutoTokenizer.from_pretrained(proj / "models/sft").chat_template
+        if (
+            params.train.prompt_format == "plain"
+        ):  # seed 001: its text, learned whole, published as the template
+            assert sft["loss_mode"] == "whole_text" and is_plain(published)
+        else:
+            # Loss on answer tokens only: by the template's generation marks, or (a template without them, such
+            # as Mistral's) as prompt/completion pairs.
+            assert sft["loss_mode"] == ("completion_only" if seed.family == "mistral" else "assistant_only")
+            assert published == template  # the original
         adapter = proj / "models/sft"
     else:
         assert sft == {"method": "none", "enabled": False, "adapter": None}

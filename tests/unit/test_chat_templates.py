@@ -7,7 +7,18 @@ from __future__ import annotations
 import pytest
 from trl import chat_template_utils as trl_templates
 
-from qatune.chat import CHATML_WITH_GENERATION, chat_template_for_training, sft_example, template_kwargs
+from qatune.chat import (
+    CHATML_WITH_GENERATION,
+    answer_prefix,
+    chat_template_for_training,
+    is_plain,
+    plain_template,
+    sft_example,
+    stop_strings,
+    template_kwargs,
+    use_prompt_format,
+    use_training_template,
+)
 from qatune.tiny import CHATML, build_tokenizer
 
 FAMILIES = {
@@ -121,3 +132,90 @@ def test_multi_turn_rows_train_every_answer_or_the_last_one(tiny_model_dir, turn
     assert "3 to 5 g a day." in learned
     assert ("About 1.6 g per kg." in learned) == (turns == "all")
     assert "protein" not in learned and "creatine" not in learned and "Be safe." not in learned
+
+
+# --------------------------------------------------------------------------- seed 001's plain prompt format
+
+QA = {"prompt": [{"role": "user", "content": "How often should I train?"}], "chosen": "Three times a week."}
+
+
+def test_plain_format_is_seed_001s_text_with_no_system_line():
+    """train.prompt_format: plain renders "User: {question}\\nAssistant: {answer}", where Qwen2.5's own template
+    puts its default system line ("You are Qwen, ...") before a conversation without one."""
+    tok = tokenizer_with("qwen2", trl_templates.qwen2_5_chat_template)
+    assert "You are Qwen" in tok.apply_chat_template(QA["prompt"], tokenize=False)  # what chat would train
+    use_prompt_format(tok, "plain")
+    answer = {"role": "assistant", "content": QA["chosen"]}
+    assert tok.apply_chat_template([*QA["prompt"], answer], tokenize=False) == (
+        "User: How often should I train?\nAssistant: Three times a week." + tok.eos_token
+    )
+    prompt = tok.apply_chat_template(QA["prompt"], tokenize=False, add_generation_prompt=True)
+    assert prompt == "User: How often should I train?\nAssistant:"
+    # a system prompt, when one is set, and earlier turns are lines of the same text
+    messages = [{"role": "system", "content": "Be safe."}, *CONVERSATION[:3]]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "System: Be safe.\nUser: How much protein per day?\nAssistant: About 1.6 g per kg.\n"
+        "User: And creatine?\nAssistant:"
+    )
+    assert stop_strings(tok.chat_template) == ["\nUser:"] and answer_prefix(tok.chat_template) == " "
+
+
+def test_the_chat_format_leaves_the_template_alone():
+    family, original = FAMILIES["qwen2.5"]
+    tok = use_prompt_format(tokenizer_with(family, original), "chat")
+    assert tok.chat_template == original and not is_plain(original)
+    assert stop_strings(original) == [] and answer_prefix(original) == ""
+
+
+def test_plain_format_opens_with_bos_where_the_tokenizer_adds_it():
+    """Llama, Gemma and Mistral tokenizers put BOS before plain text, so the SFT rows have it: so must the
+    prompts the template renders (apply_chat_template adds no special tokens itself)."""
+    from tokenizers import processors
+
+    tok = build_tokenizer(family="mistral")
+    assert not plain_template(tok).count("bos_token")  # the tiny one adds none
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    assert tok("x")["input_ids"][0] == bos
+    use_prompt_format(tok, "plain")
+    ids = tok.apply_chat_template(QA["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids == tok("User: How often should I train?\nAssistant:")["input_ids"] and ids[0] == bos
+
+
+def test_plain_rows_are_learned_whole_and_are_the_text_the_model_is_served(tiny_model_dir):
+    """Through TRL's own tokenisation and collator: every token of "User: ...\\nAssistant: ..." is learned,
+    EOS included, and the row is exactly what the published template renders for that conversation."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tok = use_prompt_format(AutoTokenizer.from_pretrained(tiny_model_dir), "plain")
+    published, kwargs, mode = use_training_template(tok, False)
+    assert mode == "whole_text" and is_plain(published) and tok.chat_template == published and kwargs == {}
+    example = sft_example(QA, None, mode)
+    assert example == {"text": "User: How often should I train?\nAssistant: Three times a week."}
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        processing_class=tok,
+        train_dataset=Dataset.from_list([example]),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        args=SFTConfig(
+            output_dir="/tmp/qatune-plain-rows",
+            assistant_only_loss="messages" in example,  # as stages/sft.py sets it
+            use_cpu=True,
+            report_to="none",
+            per_device_train_batch_size=1,
+            max_length=256,
+        ),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    assert labels == ids  # the loss on the whole text (the model shifts the labels itself)
+    served = tok.apply_chat_template(
+        [*QA["prompt"], {"role": "assistant", "content": QA["chosen"]}], tokenize=False
+    )
+    assert tok.decode(ids) == served and ids[-1] == tok.eos_token_id

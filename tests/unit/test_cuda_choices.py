@@ -74,6 +74,7 @@ def test_resolve_pins_one_gpu_before_cuda_starts_and_says_so(monkeypatch, capsys
         num_processes=1,
         require_cuda=False,
         load_in_4bit=False,
+        load_in_8bit=False,
         backend="auto",
         precision="fp32",
         lm_head="auto",
@@ -110,6 +111,6 @@ def test_the_gpu_profiles_say_they_need_cuda():
     for path in sorted((root / "profiles").glob("*.yaml")):
         _, params = merged(path.stem, root / "params.yaml", root / "profiles")
         needs[path.stem] = params.train.require_cuda
-        if params.train.load_in_4bit:  # 4-bit cannot run without CUDA: such a profile is a GPU profile
+        if params.train.load_in_4bit or params.train.load_in_8bit:  # no CUDA, no bitsandbytes: a GPU profile
             assert params.train.require_cuda, path.stem
     assert needs["cpu-default"] is False

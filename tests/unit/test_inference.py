@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -88,6 +89,81 @@ def test_select_device(requested, cuda, expected):
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(QatuneError, match="no CUDA GPU"):
         hardware.select_device("cuda", False)
+
+
+@pytest.mark.parametrize(
+    ("requested", "device", "expected"),
+    [
+        ("auto", "cpu", "float32"),  # placement("serve") on a CPU
+        ("auto", "cuda", "bfloat16"),  # ... on a bf16 GPU
+        ("float32", "cpu", "float32"),  # seed 004's app: the base in float32 on the CPU
+        ("float32", "cuda", "float32"),
+        ("bfloat16", "cpu", "bfloat16"),
+        ("float16", "cuda", "float16"),
+    ],
+)
+def test_serve_dtype(requested, device, expected):
+    auto = hardware.placement("serve", {"cuda": device == "cuda", "cuda_bf16": True, "cpu_bf16": True})[1]
+    assert inference.serve_dtype(requested, device, auto) == expected
+
+
+def test_float16_on_the_cpu_is_refused():
+    with pytest.raises(QatuneError, match=r"^chat.dtype: float16 needs a CUDA GPU"):
+        inference.serve_dtype("float16", "cpu", "float32")
+
+
+# --------------------------------------------------------------------------- a model or adapter by Hub id
+
+
+def cached_snapshot(cache: Path, repo_id: str, files: dict[str, str]) -> Path:
+    """A Hub repo as huggingface_hub's cache holds it after a download: refs/main names the commit, whose
+    snapshot folder has the files."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, text in files.items():
+        (snapshot / name).write_text(text)
+    return snapshot
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty working folder and a Hugging Face cache, with the Hub unreachable (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path / "cache"
+
+
+def test_a_local_folder_is_used_as_it_is(offline_cache):
+    Path("someone/lora").mkdir(parents=True)
+    assert inference.local_folder("someone/lora", "adapter") == "someone/lora"
+    Path("models").mkdir()  # the pipeline's output folder, before the dpo stage wrote into it
+    assert not inference.is_hub_id("models/dpo")
+    assert inference.local_folder("models/dpo", "adapter") == "models/dpo"  # loading then says what to run
+    assert not inference.is_hub_id("nowhere") and not inference.is_hub_id("./a/b")
+
+
+def test_a_hub_id_is_its_snapshot_in_the_cache_when_offline(offline_cache):
+    snapshot = cached_snapshot(offline_cache, "someone/tiny-lora", {"adapter_config.json": "{}"})
+    assert inference.is_hub_id("someone/tiny-lora")
+    assert Path(inference.local_folder("someone/tiny-lora", "adapter")).resolve() == snapshot.resolve()
+
+
+def test_a_hub_id_that_is_not_cached_offline_is_a_one_line_error(offline_cache):
+    with pytest.raises(QatuneError) as err:
+        inference.local_folder("someone/missing-lora", "adapter")
+    message = str(err.value)
+    assert message.startswith(
+        "adapter 'someone/missing-lora': no such folder here, and no Hub snapshot of it: "
+    )
+    assert "HF_HUB_OFFLINE=0" in message and "\n" not in message
 
 
 # --------------------------------------------------------------------------- input cap and prompt

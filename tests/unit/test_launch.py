@@ -138,7 +138,7 @@ def loaded(monkeypatch):
     monkeypatch.setattr(peft, "prepare_model_for_kbit_training", lambda model, **k: model)
     monkeypatch.setenv("LOCAL_RANK", "1")
 
-    def load(four_bit: bool, fsdp: bool) -> dict:
+    def load(four_bit: bool, fsdp: bool, eight_bit: bool = False) -> dict:
         from qatune.modeling import load_base
         from qatune.params import load_params
 
@@ -146,7 +146,9 @@ def loaded(monkeypatch):
             monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
         else:
             monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
-        train = load_params(ROOT / "params.yaml").train.model_copy(update={"load_in_4bit": four_bit})
+        train = load_params(ROOT / "params.yaml").train.model_copy(
+            update={"load_in_4bit": four_bit, "load_in_8bit": eight_bit}
+        )
         hw = {"backend": "transformers", "cuda": True, "precision": "bf16"}
         seen.clear()
         load_base("unused", train, hw, 128)
@@ -170,3 +172,12 @@ def test_under_fsdp_a_16_bit_base_loads_on_the_cpu_and_a_4_bit_one_on_its_gpu(lo
     assert loaded(four_bit=True, fsdp=True)["device_map"] == {"": 1}
     plain = loaded(four_bit=False, fsdp=False)
     assert plain["device_map"] == {"": 1} and plain["dtype"] == torch.bfloat16
+
+
+def test_an_8_bit_base_loads_quantised_on_its_gpu(loaded):
+    import torch
+
+    asked = loaded(four_bit=False, fsdp=False, eight_bit=True)
+    config = asked["quantization_config"]
+    assert config.load_in_8bit and not config.load_in_4bit
+    assert asked["device_map"] == {"": 1} and asked["dtype"] == torch.bfloat16

@@ -22,6 +22,8 @@ def tiny_train(**changes):
         lora=LORA,
         activation_checkpointing=False,
         load_in_4bit=False,
+        load_in_8bit=False,
+        prompt_format="chat",
         trust_remote_code=False,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
@@ -114,6 +116,19 @@ def test_the_training_loader_gives_a_pad_token(model_without_pad):
     assert tokenizer.pad_token == tokenizer.eos_token is not None
 
 
+def test_the_training_loader_gives_the_tokenizer_the_prompt_format(model_without_pad):
+    """train.prompt_format reaches the sft and dpo stages through the base they load: plain puts seed 001's
+    User:/Assistant: template on the tokenizer, which the stages then train with and publish."""
+    from qatune.chat import is_plain, use_training_template
+
+    hw = {"backend": "transformers", "cuda": False, "precision": "fp32"}
+    _, chat = modeling.load_base(str(model_without_pad), tiny_train(), hw, 64)
+    assert not is_plain(chat.chat_template) and use_training_template(chat, False)[2] == "assistant_only"
+    _, plain = modeling.load_base(str(model_without_pad), tiny_train(prompt_format="plain"), hw, 64)
+    published, _, loss_mode = use_training_template(plain, False)
+    assert is_plain(published) and loss_mode == "whole_text"
+
+
 # --------------------------------------------------------------------------- the SFT adapter under DPO
 
 
@@ -195,3 +210,25 @@ def test_the_provenance_records_the_applied_4bit_settings(backend):
     assert record["applied"]["bnb_4bit_compute_dtype"] in ("float16", "torch.float16")
     assert ("not_applied" in record) == (backend == "unsloth")
     assert modeling.quantization_record(model, tiny_train(), backend) is None
+
+
+@pytest.mark.parametrize("backend", ["transformers", "unsloth"])
+def test_the_provenance_records_the_applied_8bit_settings(backend):
+    config = modeling.quantization_config(tiny_train(load_in_8bit=True), "fp16", fsdp=False)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(quantization_config=config))
+    record = modeling.quantization_record(model, tiny_train(load_in_8bit=True), backend)
+    assert record == {"applied": {"load_in_8bit": "True", "llm_int8_threshold": "6.0"}}
+
+
+# --------------------------------------------------------------------------- the BitsAndBytesConfig built
+
+
+def test_the_quantisation_config_is_4_bit_8_bit_or_none():
+    four = modeling.quantization_config(
+        tiny_train(load_in_4bit=True, bnb_4bit_quant_type="fp4"), "bf16", False
+    )
+    assert (four.load_in_4bit, four.load_in_8bit, four.bnb_4bit_quant_type) == (True, False, "fp4")
+    assert four.bnb_4bit_use_double_quant and four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = modeling.quantization_config(tiny_train(load_in_8bit=True), "bf16", False)
+    assert (eight.load_in_8bit, eight.load_in_4bit, eight.quantization_method()) == (True, False, "llm_int8")
+    assert modeling.quantization_config(tiny_train(), "bf16", False) is None

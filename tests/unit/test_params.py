@@ -131,3 +131,74 @@ def test_early_stopping_with_the_best_checkpoint_kept_is_valid():
     data = copy.deepcopy(RAW)
     data["sft"].update(early_stopping_patience=2, load_best_model_at_end=True, eval_steps=5, save_steps=10)
     assert parse_params(data).sft.early_stopping_patience == 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"load_in_4bit": True, "load_in_8bit": True},
+            "train.load_in_4bit and train.load_in_8bit are both true: choose one",
+        ),
+        (
+            {"load_in_8bit": True, "distributed": "fsdp", "num_processes": 2},
+            "train.load_in_8bit: FSDP shards 16-bit and 4-bit bases only",
+        ),
+        ({"prompt_format": "text"}, "'train.prompt_format': Input should be 'chat' or 'plain'"),
+    ],
+)
+def test_quantisation_and_prompt_format_are_checked(change, message):
+    data = copy.deepcopy(RAW)
+    data["train"].update(change)
+    with pytest.raises(QatuneError) as err:
+        parse_params(data)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_new_keys_default_to_what_qatune_did_before():
+    """8-bit off, the model's chat template, the chat app on the GPU when there is one in the dtype qatune
+    chose, this pipeline's adapter: params.yaml states them, and a file without them means the same."""
+    params = parse_params(RAW)
+    assert (params.train.load_in_8bit, params.train.prompt_format) == (False, "chat")
+    assert (params.chat.device, params.chat.dtype, params.chat.adapter) == ("auto", "auto", None)
+    data = copy.deepcopy(RAW)
+    for block, key in [("train", "load_in_8bit"), ("train", "prompt_format"), ("chat", "device")]:
+        del data[block][key]
+    for key in ("dtype", "adapter"):
+        del data["chat"][key]
+    assert parse_params(data) == params
+    data["train"].update(load_in_8bit=True)  # 8-bit alone, or with ddp processes, is valid
+    assert parse_params(data).train.load_in_8bit
+    data["chat"].update(device="cpu", dtype="float32", adapter="someone/their-lora")
+    assert parse_params(data).chat.adapter == "someone/their-lora"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"method": "kto", "loss_type": ["kto"], "batch_size": 1},
+            "dpo.batch_size: 1 with dpo.loss_type [kto]: KTO estimates its KL term from the other answers",
+        ),
+        (
+            {"loss_type": ["sigmoid", "exo_pair"]},
+            "dpo.loss_type ['sigmoid', 'exo_pair'] with dpo.method 'dpo'",
+        ),
+    ],
+)
+def test_preference_choices_trl_refuses_are_checked_with_the_params(change, message):
+    """What DPOTrainer and KTOTrainer refused only when built, after the model loaded (and the SFT model had
+    answered the on-policy rows): a one-line error from check-params instead."""
+    data = copy.deepcopy(RAW)
+    data["dpo"].update(change, loss_weights=None)
+    with pytest.raises(QatuneError) as err:
+        parse_params(data)
+    assert str(err.value).startswith(f"{PARAMS_FILE}: 'dpo': {message}") and "\n" not in str(err.value)
+
+
+def test_kto_batches_of_one_pass_where_nothing_needs_a_batch_mate():
+    data = copy.deepcopy(RAW)
+    data["dpo"].update(method="kto", loss_type=["apo_zero_unpaired"], loss_weights=None, batch_size=1)
+    assert parse_params(data).dpo.batch_size == 1  # no KL term estimated from the batch
+    data["dpo"].update(loss_type=["kto"], enabled=False)  # a block that trains nothing is not held to it
+    assert not parse_params(data).dpo.enabled

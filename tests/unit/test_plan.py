@@ -168,6 +168,18 @@ def test_qlora_training_by_hand():
     assert sft.device == "cuda" and sft.need_gb < 0.9 * 16
 
 
+def test_eight_bit_training_by_hand():
+    """seed003's SFT with 8-bit weights instead (train.load_in_8bit): one byte per linear weight, the rest in
+    float32 as under 4-bit; between QLoRA and fp16 weights (2 bytes per parameter)."""
+    sft = plans("seed003-mistral-qlora", 24, train__load_in_4bit=False, train__load_in_8bit=True)["sft"]
+    linear = 32 * (MISTRAL_LAYER - 2 * 4096)
+    assert sft.dtype == "int8"
+    assert sft.parts["weights"] == pytest.approx((linear * 1 + (MISTRAL - linear) * 4) / GB, abs=0.01)  # 8.03
+    four = plans("seed003-mistral-qlora", 24)["sft"].parts["weights"]
+    assert four < sft.parts["weights"] < 2 * MISTRAL / GB
+    assert sft.device == "cuda"
+
+
 def test_dpo_doubles_the_batch():
     """chosen and rejected go through one forward pass: seed000's DPO keeps twice the activations of an SFT
     step of the same batch and length."""
@@ -207,6 +219,9 @@ def test_four_bit_training_without_a_gpu_stops_in_the_plan():
     sft = plan.whole_run(plan.KNOWN[params.base_model.source], cpu, *blocks)[0]
     assert (sft.stage, sft.device) == ("sft", "")
     assert "4-bit (QLoRA) loading needs a CUDA GPU" in sft.advice
+    blocks[0] = params.train.model_copy(update={"load_in_4bit": False, "load_in_8bit": True})
+    sft = plan.whole_run(plan.KNOWN[params.base_model.source], cpu, *blocks)[0]
+    assert sft.device == "" and "8-bit (bitsandbytes LLM.int8) loading needs a CUDA GPU" in sft.advice
 
 
 def test_embedded_default_on_a_cpu_keeps_its_placement():

@@ -77,6 +77,7 @@ def test_seed_values_are_carried():
     p = resolve("seed001-qwen25-sft", ROOT / "profiles")[1]
     assert (p.train.lora.r, p.train.lora.alpha, p.train.lora.dropout) == (16, 64, 0.15)
     assert p.train.lora.target_modules == ["q_proj", "v_proj"] and not p.dpo.enabled
+    assert (p.train.prompt_format, p.train.system_prompt) == ("plain", None)  # "User: ...\nAssistant: ..."
     assert (p.sft.batch_size * p.sft.grad_accum, p.sft.learning_rate, p.sft.epochs, p.sft.warmup_steps) == (
         32,
         3e-5,
@@ -134,11 +135,13 @@ def test_seed_values_are_carried():
     )
     assert (s.logging_steps, s.eval_steps, s.save_steps) == (10, 50, 100)
     assert t.report_to == ["tensorboard"] and t.activation_checkpointing and not p.dpo.enabled
+    assert s.save_total_limit is None  # TrainingArguments' default: every checkpoint kept
     p = resolve("seed004-llama32-finetome", ROOT / "profiles")[1]
     assert [s.samples for s in p.fetch.sources] == [15000, 15000]
     assert (p.split.val, p.split.test, p.evaluate.split) == (0.05, 0, "val")  # 95/5 exactly
     assert (p.clean.max_length, p.sft.max_length) == (2048, 2048)
     assert (p.sft.batch_size, p.sft.grad_accum, p.sft.max_steps, p.sft.learning_rate) == (4, 4, 40, 2e-5)
+    assert (p.generate.mode, p.chat.device, p.chat.dtype) == ("adapter", "cpu", "float32")  # the seed's app
 
 
 def test_a_typo_in_a_profile_is_an_error(tmp_path):

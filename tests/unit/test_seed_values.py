@@ -109,6 +109,7 @@ SEED001 = {
     "sft.warmup_ratio": 0.0,  # implied
     "train.precision": "fp32",  # implied: neither fp16 nor bf16
     "train.system_prompt": None,  # "User: {question}\nAssistant: {answer}": no system line
+    "train.prompt_format": "plain",  # that text, the loss on all of it, and served so
     "generate.mode": "adapter",  # inference mode "lora"
     "generate.max_new_tokens": 512,
     "generate.temperature": 0.2,
@@ -156,7 +157,8 @@ SEED002 = {
     "fetch.sources[].dataset": ["jkhedri/psychology-dataset"],
     "fetch.sources[].format": ["response_jk"],  # question, response_j (trained), response_k (excluded)
     "data_samples": 0,  # DATA_SAMPLES test mode: 0 = all rows
-    "train.load_in_4bit": True,  # bitsandbytes 4-bit
+    "train.load_in_4bit": True,  # bitsandbytes 4-bit (train.load_in_8bit is its 8-bit option)
+    "train.load_in_8bit": False,
     "train.report_to": ["tensorboard"],
     "sft.enabled": True,
     "dpo.enabled": False,  # response_k is never trained on
@@ -195,6 +197,7 @@ SEED003 = {
     "sft.logging_steps": 10,
     "sft.save_steps": 100,
     "sft.eval_steps": 50,
+    "sft.save_total_limit": None,  # implied: every checkpoint kept (it loads ./results/checkpoint-1000)
     "sft.scheduler": "linear",  # implied
     "train.report_to": ["tensorboard"],
     "train.activation_checkpointing": True,  # "use gradient checkpointing"
@@ -217,6 +220,7 @@ SEED003_SFT_CONFIG = {
     "logging_steps": 10,
     "save_steps": 100,
     "eval_steps": 50,
+    "save_total_limit": None,
     "save_strategy": "steps",
     "eval_strategy": "steps",
     "report_to": ["tensorboard"],
@@ -260,6 +264,9 @@ SEED004 = {
     "sft.scheduler": "linear",
     "sft.logging_steps": 10,
     "sft.eval_steps": 10,  # eval_strategy "steps": every logging_steps (10)
+    "generate.mode": "adapter",  # the app: base + LoRA adapter
+    "chat.device": "cpu",  # device = "cpu"
+    "chat.dtype": "float32",  # the base in torch.float32
 }
 SEED004_SFT_CONFIG = {
     "per_device_train_batch_size": 4,
@@ -376,7 +383,7 @@ def test_the_stages_build_their_configs_as_stage_config_does():
     call = "**training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),"
     assert f"config = SFTConfig(\n        {call}" in sft
     assert f'common = {{\n        {call}\n        "beta": params.beta,' in dpo
-    assert "config = DPOConfig(\n            **common," in dpo
+    assert "return DPOConfig(\n        **common," in dpo and "config = preference_config(cfg, common)" in dpo
 
 
 def test_seed_002_trains_response_j_and_never_response_k():

@@ -11,9 +11,10 @@ import torch
 from transformers import GenerationConfig
 
 from qatune import export, hub, inference, scoring
-from qatune.generation import after_answer, gguf_stop_tokens, greedy_answers, stop_tokens
+from qatune.chat import use_prompt_format
+from qatune.generation import after_answer, gguf_stop_tokens, greedy_answers, stop_tokens, until_stop
 from qatune.params import GenerateParams
-from qatune.tiny import CHATML, build_model
+from qatune.tiny import CHATML, build_model, build_tokenizer
 from tests.unit.test_chat_templates import FAMILIES, tokenizer_with
 
 # mistralai/Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template: the answer ends with eos_token.
@@ -189,3 +190,69 @@ def test_a_gguf_answers_through_its_own_template_and_stops(smollm2_gguf):
     answer = "".join(inference.stream_answer(smollm2_gguf, messages, settings))
     assert answer.strip() and "<|im_end|>" not in answer
     assert answer == chunks["choices"][0]["message"]["content"]
+
+
+# --------------------------------------------------------------------------- the plain format's "User:" line
+
+
+def plain_tokenizer_with_a_run_on_token():
+    """Seed 001's plain format on a tiny tokenizer with one token that writes an answer and the next question's
+    opening, "ok\\nUser:": what a model that learnt whole User:/Assistant: texts may go on to write."""
+    tok = build_tokenizer(family="qwen2")
+    tok.add_tokens(["ok\nUser:"])
+    return use_prompt_format(tok, "plain")
+
+
+def test_the_plain_format_stops_at_eos_and_at_the_next_user_line():
+    tok = plain_tokenizer_with_a_run_on_token()
+    stops = stop_tokens(tok, GenerationConfig(eos_token_id=tok.eos_token_id))
+    assert stops.ids == [tok.eos_token_id] and stops.strings == ("\nUser:",)
+    assert stop_tokens(family_tokenizer("qwen2.5")).strings == ()  # chat templates: tokens only
+
+
+def test_greedy_answers_in_the_plain_format_end_before_the_next_user_line():
+    tok = plain_tokenizer_with_a_run_on_token()
+    model = says_end_of_turn_first(tok, "qwen2", "ok\nUser:")
+    counts = count_new_tokens(model)
+    answers, finished = greedy_answers(model, tok, [[{"role": "user", "content": "Q?"}]], 1, max_new_tokens=8)
+    assert counts == [1] and answers == ["ok"] and finished == [True]
+
+
+def test_streamed_answers_in_the_plain_format_end_before_the_next_user_line():
+    """`qatune ask`, the chat app and `qatune serve` in the plain format."""
+    tok = plain_tokenizer_with_a_run_on_token()
+    model = says_end_of_turn_first(tok, "qwen2", "ok\nUser:")
+    counts = count_new_tokens(model)
+    loaded = inference.Loaded(model, tok, "cpu", "float32", "tiny")
+    settings = GenerateParams(temperature=0.0, max_new_tokens=8, repetition_penalty=1.0)
+    answer = "".join(inference.stream_answer(loaded, inference.build_messages("Q?", None), settings))
+    assert counts == [1] and answer == "ok"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "shown"),
+    [
+        (
+            [" Three", " times", " a week.\nUs", "er: And"],
+            ["Three", " times", " a week."],
+        ),  # split stop: hidden
+        (["Rest\nUse", " a foam roller."], ["Rest", "\nUse a foam roller."]),  # a prefix that was not one
+        (["  ", "\n", " Sleep", " well."], ["Sleep", " well."]),  # the space after "Assistant:" dropped
+        (["Done.\nU"], ["Done.", "\nU"]),  # the held tail is shown when the stream ends
+        (["\nUser: hi"], []),
+    ],
+)
+def test_a_stream_is_cut_before_a_stop_string_that_is_never_shown(pieces, shown):
+    assert list(until_stop(iter(pieces), ("\nUser:",))) == shown
+
+
+def test_scored_plain_answers_are_the_tokens_the_model_learnt():
+    """The answer after "Assistant:" keeps its space, as in the trained text, and ends with EOS."""
+    tok = use_prompt_format(build_tokenizer(family="qwen2"), "plain")
+    row = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "Yes, daily."}
+    ((ids, start),) = scoring.encode_pairs(tok, [row], None, "chosen")
+    text = tok.apply_chat_template(
+        [*row["prompt"], {"role": "assistant", "content": "Yes, daily."}], tokenize=False
+    )
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[start:]) == " Yes, daily." + tok.eos_token
