@@ -12,16 +12,12 @@ new LoRA adapter is trained straight from the base, and the reference is the bas
 `loss_weights`); `kto` trains every answer on its own, chosen ones as desirable and rejected ones (and
 lone bad answers of unpaired data) as undesirable. Validation rows are measured before and after
 training. With `dpo.enabled: false` the SFT adapter is copied to --out unchanged, so downstream stages
-always read --out. Killed mid-run, it resumes like sft.
+always read --out. Killed mid-run, it resumes like sft; run again after it finished, it trains no further step.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 from qatune import compat, hardware, lm_head, modeling, plan, training
@@ -32,7 +28,7 @@ from qatune.focus import fact_rows, focus_first, harmful_requests
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
-from qatune.provenance import BASE_RECORD, require, sha256_files
+from qatune.provenance import require, sha256_files
 from qatune.stance import stance
 
 CURVES = {
@@ -114,19 +110,89 @@ def own_answer_pairs(
     return pairs, seen
 
 
+def training_examples(
+    model, tokenizer, data: Path, train, cfg, kwargs: dict | None
+) -> tuple[dict[str, list[dict]], dict]:
+    """The train and val examples: pairs (dpo), or single answers labelled good or bad (kto), val capped by
+    eval_rows (the splits are already shuffled); rows without a rejected answer get the SFT model's own
+    (on_policy_pairs); the pairs that teach safety and correctness first (focus_pairs), after those made of
+    the SFT model's own mistakes (on_policy_harm_rows, on_policy_fact_rows); with max_steps only the rows the
+    run draws, as the reference log-probs are precomputed for all. Returns them and, when the SFT model
+    answered, what it was asked and how many pairs it made (metrics)."""
+    rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
+    rows["val"] = rows["val"][: cfg.eval_rows or None]
+    # how the SFT model answers, for the rows that lack a rejected answer and for its own mistakes
+    asking = (train.system_prompt, cfg.on_policy_max_new_tokens, cfg.on_policy_batch_size, kwargs)
+    if cfg.on_policy_pairs:
+        rows = {s: on_policy_rejected(model, tokenizer, rs, *asking) for s, rs in rows.items()}
+    rows["train"] = focus_first(rows["train"], cfg.focus_pairs, wrong_rejected=True)
+    on_policy = {}
+    if cfg.on_policy_harm_rows or cfg.on_policy_fact_rows:  # the SFT model's own mistakes, pushed down first
+        extra, seen = own_answer_pairs(
+            model, tokenizer, rows["train"], cfg.on_policy_harm_rows, cfg.on_policy_fact_rows, *asking
+        )
+        rows["train"], on_policy = extra + rows["train"], {"on_policy": seen, "on_policy_made": len(extra)}
+        print(f"dpo: {len(extra)} on-policy pairs from the SFT model's answers: {seen}")
+    if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
+        examples = {
+            s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()
+        }
+    else:  # pairs: a lone bad answer (no chosen) of unpaired data has no partner to compare with
+        examples = {
+            s: [dpo_example(r, train.system_prompt, kwargs) for r in rs if r["chosen"] and r.get("rejected")]
+            for s, rs in rows.items()
+        }
+    if cfg.max_steps > 0:
+        examples["train"] = examples["train"][: training.rows_per_run(cfg)]
+    if not examples["train"]:
+        raise QatuneError(
+            f"{data / 'train.jsonl'}: no rows with a rejected answer; set dpo.on_policy_pairs: true "
+            "to make pairs from the SFT model's own answers, or dpo.enabled: false"
+        )
+    if cfg.method == "kto" and len({e["label"] for e in examples["train"]}) < 2:
+        raise QatuneError(
+            f"{data / 'train.jsonl'}: KTO needs both desirable and undesirable answers among the "
+            f"{len(examples['train'])} training rows it uses; these have only one kind"
+        )
+    return examples, on_policy
+
+
+def policy(model, sft: str, params, hw: dict):
+    """(the model DPO trains, the peft_config TRL gets): the trainable SFT adapter and none, so TRL keeps a
+    frozen copy of the adapter as the reference and the final adapter stays relative to the original base;
+    without SFT (seed 000) a new adapter, whose reference is the base."""
+    if params.sft.enabled:
+        return modeling.load_trainable_adapter(model, sft, params.train, hw["backend"]), None
+    if hw["backend"] == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
+        return modeling.unsloth_peft(model, params.train, params.seed), None
+    # TRL wraps the base in a new adapter and scores the reference with the adapter disabled
+    return model, modeling.lora_config(params.train)
+
+
+def preference_config(cfg, common: dict):
+    """TRL's config for dpo.method over the arguments both share: DPO's losses on pairs (several, weighted),
+    or KTO's one loss on single answers weighted by kind."""
+    from trl import DPOConfig, KTOConfig  # main imported TRL after the backend
+
+    if cfg.method == "kto":
+        return KTOConfig(
+            **common,
+            loss_type=cfg.loss_type[0],
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+        )
+    return DPOConfig(
+        **common,
+        loss_type=list(cfg.loss_type),
+        loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
+        truncation_mode="keep_start",
+    )
+
+
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--params", default="params.yaml", help="params file to read")
-    parser.add_argument("--model", default="models/base", help="base model folder from fetch")
+    parser = training.stage_parser(__doc__, "dpo")
     parser.add_argument("--sft", default="models/sft", help="SFT adapter folder")
-    parser.add_argument("--data", default="data/split", help="folder with train/val/test jsonl")
-    parser.add_argument("--out", default="models/dpo", help="final adapter output folder")
-    parser.add_argument("--checkpoints", default="models/dpo-checkpoints", help="resumable checkpoints")
-    parser.add_argument("--metrics", default="metrics/dpo.json", help="summary metrics file")
-    parser.add_argument("--plots", default="metrics/dpo", help="folder for per-step curves")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     train, cfg = params.train, params.dpo
@@ -139,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    # ---- model: the backend first (Unsloth must be imported before TRL), then the training template;
-    # the trainable SFT adapter, no peft_config: TRL copies it as the frozen reference
+    # ---- model: the backend first (Unsloth must be imported before TRL), then the training template
     torch.manual_seed(params.seed)
     hw = hardware.resolve(train)
     arch = plan.load_arch(args.model)  # its peak memory on this machine, or a one-line stop before loading
@@ -149,85 +214,24 @@ def main(argv: list[str] | None = None) -> None:
         raise QatuneError(f"{args.params}: dpo.method kto: {blocker}")
     modeling.import_backend(hw["backend"])
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from trl import DPOTrainer, KTOTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    published, kwargs, _ = use_training_template(tokenizer, train.enable_thinking)  # publish the original
-    peft_config = None
-    if params.sft.enabled:
-        model = modeling.load_trainable_adapter(model, args.sft, train, hw["backend"])
-    elif hw["backend"] == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
-        model = modeling.unsloth_peft(model, train, params.seed)
-    else:  # TRL wraps the base in a new adapter and scores the reference with the adapter disabled
-        peft_config = modeling.lora_config(train)
+    # the tokenizer gets the training template; `published`, the model's own, goes out with the adapter
+    published, kwargs, _ = use_training_template(tokenizer, train.enable_thinking)
+    model, peft_config = policy(model, args.sft, params, hw)
 
-    # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
+    # ---- data
     data = Path(args.data)
-    rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
-    rows["val"] = rows["val"][: cfg.eval_rows or None]
-    if cfg.on_policy_pairs:
-        rows = {
-            s: on_policy_rejected(
-                model,
-                tokenizer,
-                rs,
-                train.system_prompt,
-                cfg.on_policy_max_new_tokens,
-                cfg.on_policy_batch_size,
-                kwargs,
-            )
-            for s, rs in rows.items()
-        }
-    # a short run sees the pairs that teach safety and correctness, not only what the shuffle gave
-    rows["train"] = focus_first(rows["train"], cfg.focus_pairs, wrong_rejected=True)
-    own_seen, own_made = None, 0
-    if cfg.on_policy_harm_rows or cfg.on_policy_fact_rows:  # the SFT model's own mistakes, pushed down first
-        extra, own_seen = own_answer_pairs(
-            model,
-            tokenizer,
-            rows["train"],
-            cfg.on_policy_harm_rows,
-            cfg.on_policy_fact_rows,
-            train.system_prompt,
-            cfg.on_policy_max_new_tokens,
-            cfg.on_policy_batch_size,
-            kwargs,
-        )
-        rows["train"], own_made = extra + rows["train"], len(extra)
-        print(f"dpo: {len(extra)} on-policy pairs from the SFT model's answers: {own_seen}")
-    if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
-        examples = {
-            s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()
-        }
-    else:  # pairs: a lone bad answer (no chosen) of unpaired data has no partner to compare with
-        examples = {
-            s: [dpo_example(r, train.system_prompt, kwargs) for r in rs if r["chosen"] and r.get("rejected")]
-            for s, rs in rows.items()
-        }
-    if cfg.max_steps > 0:  # only the rows the run will see: reference log-probs are precomputed for all
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        examples["train"] = examples["train"][: cfg.max_steps * cfg.batch_size * cfg.grad_accum * world]
-    if not examples["train"]:
-        raise QatuneError(
-            f"{data / 'train.jsonl'}: no rows with a rejected answer; set dpo.on_policy_pairs: true "
-            "to make pairs from the SFT model's own answers, or dpo.enabled: false"
-        )
-    if cfg.method == "kto" and len({e["label"] for e in examples["train"]}) < 2:
-        raise QatuneError(
-            f"{data / 'train.jsonl'}: KTO needs both desirable and undesirable answers among the "
-            f"{len(examples['train'])} training rows it uses; these have only one kind"
-        )
+    examples, on_policy = training_examples(model, tokenizer, data, train, cfg, kwargs)
     sets = {s: Dataset.from_list(es) for s, es in examples.items()}
 
     # ---- checkpoints: resumed only when they belong to these params blocks, data, base, SFT and code
     blocks = params.model_dump(include={"seed", "beta", "train", "dpo"})
     blocks["sft_enabled"] = params.sft.enabled
-    base_info = json.loads((Path(args.model) / BASE_RECORD).read_text())
-    data_hash = sha256_files([data / f"{s}.jsonl" for s in ("train", "val", "test")])
     sft_hash = sha256_files([Path(args.sft) / "adapter_model.safetensors"]) if params.sft.enabled else "none"
-    stamp = training.fingerprint(blocks, data_hash, json.dumps(base_info, sort_keys=True), sft_hash)
-    resume = training.prepare_checkpoints(Path(args.checkpoints), stamp)
-    start_step = training.resume_step(Path(args.checkpoints)) if resume else 0
+    inputs = training.RunInputs.read(blocks, Path(args.model), data, sft_hash)
+    resume = training.prepare_checkpoints(Path(args.checkpoints), inputs.fingerprint())
 
     # ---- trainer
     common = {
@@ -236,22 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
         "precompute_ref_batch_size": cfg.precompute_ref_batch_size,
     }
-    if cfg.method == "kto":
-        config = KTOConfig(
-            **common,
-            loss_type=cfg.loss_type[0],
-            desirable_weight=cfg.desirable_weight,
-            undesirable_weight=cfg.undesirable_weight,
-        )
-        Trainer = KTOTrainer
-    else:
-        config = DPOConfig(
-            **common,
-            loss_type=list(cfg.loss_type),
-            loss_weights=list(cfg.loss_weights) if cfg.loss_weights else None,
-            truncation_mode="keep_start",
-        )
-        Trainer = DPOTrainer
+    config = preference_config(cfg, common)
+    Trainer = KTOTrainer if cfg.method == "kto" else DPOTrainer
     with lm_head.in_trl_trainers(hw["lm_head"]):
         trainer = Trainer(
             model=model,
@@ -264,14 +254,10 @@ def main(argv: list[str] | None = None) -> None:
             callbacks=training.callbacks(train, cfg, "dpo", hw),
         )
     training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
-    resume = training.agreed_resume(trainer, Path(args.checkpoints), resume)  # rank 0 prepared them
 
-    # ---- train, with the same validation pairs scored before (policy = reference) and after
-    before = trainer.evaluate()
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    runtime = time.perf_counter() - start
-    after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
+    # ---- train, with the same validation pairs scored before (policy = reference) and after (a finished run:
+    # taken over as it is)
+    run = training.evaluate_train_evaluate(trainer, Path(args.checkpoints), resume)
     if not trainer.is_world_process_zero():
         return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
@@ -283,35 +269,20 @@ def main(argv: list[str] | None = None) -> None:
         "loss_type": list(cfg.loss_type),
         "loss_weights": cfg.loss_weights,
         "reference": "sft" if params.sft.enabled else "base",
-        **training.run_metrics(trainer, result, hw, runtime, start_step),
+        **training.run_metrics(trainer, run, hw),
         "memory_plan": memory.record(),
         "beta": params.beta,
         # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
         ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
         ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
-        **({"on_policy": own_seen, "on_policy_made": own_made} if own_seen is not None else {}),
+        **on_policy,
         "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
-        "eval_before": training.eval_summary(before),
-        "eval": training.eval_summary(after),
+        "eval_before": training.eval_summary(run.before),
+        "eval": training.eval_summary(run.after),
     }
-    training.save_run(
-        trainer,
-        tokenizer,
-        out=Path(args.out),
-        metrics_file=args.metrics,
-        metrics=metrics,
-        plots=Path(args.plots),
-        curves=CURVES,
-        chat_template=published,
-        provenance={
-            "stage": "dpo",
-            "params": blocks,
-            "base_model": base_info,
-            "data_sha256": data_hash,
-            "sft_adapter": args.sft if params.sft.enabled else None,
-            "quantization": modeling.quantization_record(model, train, hw["backend"]),
-        },
-    )
+    record = {"stage": "dpo", **inputs.record(), "sft_adapter": args.sft if params.sft.enabled else None}
+    record["quantization"] = modeling.quantization_record(model, train, hw["backend"])
+    training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)
     print(
         f"dpo: train loss {metrics['train_loss']}, val margins {metrics['eval_before'].get('rewards/margins')} "
         f"-> {metrics['eval'].get('rewards/margins')}, accuracy {metrics['eval'].get('rewards/accuracies')}"

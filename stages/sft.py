@@ -6,18 +6,15 @@
 Reads `seed`, `train` and `sft`. Loss is on assistant tokens only. Validation loss is measured before and
 after training on the same rows. Writes the adapter + tokenizer + qatune_provenance.json to --out,
 metrics/sft.json, per-step curves (DVC plots) and history.csv. Killed mid-run, it resumes from the last
-checkpoint in --checkpoints when run again with the same params blocks, data, base model and code.
+checkpoint in --checkpoints when run again with the same params blocks, data, base model and code; run again
+after it finished, it trains no further step and writes the finished run's adapter and metrics again.
 With `sft.enabled: false` (seed 000: DPO straight from the base) --out holds no adapter, only a note
 saying so, and the dpo stage starts from the base with the base as its reference.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, plan, training
@@ -26,7 +23,7 @@ from qatune.errors import QatuneError, fail_cleanly
 from qatune.focus import focus_first
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
-from qatune.provenance import BASE_RECORD, require, sha256_files
+from qatune.provenance import require
 
 CURVES = {"loss": ["loss", "eval_loss"], "learning_rate": ["learning_rate"], "grad_norm": ["grad_norm"]}
 DISABLED = "qatune_sft_disabled.json"  # what --out holds when there is no SFT run
@@ -44,19 +41,24 @@ def skip(args) -> None:
     print("sft: disabled (sft.enabled: false); the preference stage starts from the base model")
 
 
+def training_examples(data: Path, train, cfg, loss_mode: str, kwargs: dict | None) -> dict[str, list[dict]]:
+    """The train and val examples, one per row with an answer to learn (KTO's lone bad answers never): val
+    capped by eval_rows (the splits are already shuffled); with focus_rows and max_steps the rows the run
+    draws, those that teach safety and correctness first, then the rest as the split shuffled them."""
+    rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
+    rows = {s: [r for r in rs if r["chosen"]] for s, rs in rows.items()}
+    rows["val"] = rows["val"][: cfg.eval_rows or None]
+    if cfg.focus_rows and cfg.max_steps > 0:
+        rows["train"] = focus_first(rows["train"], cfg.focus_rows)[: training.rows_per_run(cfg)]
+    return {
+        s: [sft_example(r, train.system_prompt, loss_mode, cfg.train_turns, kwargs) for r in rs]
+        for s, rs in rows.items()
+    }
+
+
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--params", default="params.yaml", help="params file to read")
-    parser.add_argument("--model", default="models/base", help="base model folder from fetch")
-    parser.add_argument("--data", default="data/split", help="folder with train/val/test jsonl")
-    parser.add_argument("--out", default="models/sft", help="adapter output folder")
-    parser.add_argument("--checkpoints", default="models/sft-checkpoints", help="resumable checkpoints")
-    parser.add_argument("--metrics", default="metrics/sft.json", help="summary metrics file")
-    parser.add_argument("--plots", default="metrics/sft", help="folder for per-step curves")
-    args = parser.parse_args(argv)
+    args = training.stage_parser(__doc__, "sft").parse_args(argv)
     params = load_params(args.params)
     train, cfg = params.train, params.sft
     if not cfg.enabled:
@@ -75,33 +77,18 @@ def main(argv: list[str] | None = None) -> None:
     from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
-    published, kwargs, loss_mode = use_training_template(
-        tokenizer, train.enable_thinking
-    )  # publish the original
+    # the tokenizer gets the training template; `published`, the model's own, goes out with the adapter
+    published, kwargs, loss_mode = use_training_template(tokenizer, train.enable_thinking)
 
-    # ---- data: validation rows capped by eval_rows (the splits are already shuffled)
+    # ---- data
     data = Path(args.data)
-    rows = {s: read_jsonl(require(data / f"{s}.jsonl", f"{s} split")) for s in ("train", "val")}
-    rows = {s: [r for r in rs if r["chosen"]] for s, rs in rows.items()}  # KTO's lone bad answers: never
-    rows["val"] = rows["val"][: cfg.eval_rows or None]
-    if cfg.focus_rows and cfg.max_steps > 0:  # the run's rows: safety and correctness first, then the rest
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        budget = cfg.max_steps * cfg.batch_size * cfg.grad_accum * world
-        rows["train"] = focus_first(rows["train"], cfg.focus_rows)[:budget]
-    sets = {
-        s: Dataset.from_list(
-            [sft_example(r, train.system_prompt, loss_mode, cfg.train_turns, kwargs) for r in rs]
-        )
-        for s, rs in rows.items()
-    }
+    examples = training_examples(data, train, cfg, loss_mode, kwargs)
+    sets = {s: Dataset.from_list(es) for s, es in examples.items()}
 
     # ---- checkpoints: resumed only when they belong to these params blocks, data, base and code
     blocks = params.model_dump(include={"seed", "train", "sft"})
-    base_info = json.loads((Path(args.model) / BASE_RECORD).read_text())
-    data_hash = sha256_files([data / f"{s}.jsonl" for s in ("train", "val", "test")])
-    stamp = training.fingerprint(blocks, data_hash, json.dumps(base_info, sort_keys=True))
-    resume = training.prepare_checkpoints(Path(args.checkpoints), stamp)
-    start_step = training.resume_step(Path(args.checkpoints)) if resume else 0
+    inputs = training.RunInputs.read(blocks, Path(args.model), data)
+    resume = training.prepare_checkpoints(Path(args.checkpoints), inputs.fingerprint())
 
     # ---- trainer
     config = SFTConfig(
@@ -131,50 +118,30 @@ def main(argv: list[str] | None = None) -> None:
             f"by sft.max_length={cfg.max_length}); raise sft.max_length"
         )
     training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
-    resume = training.agreed_resume(trainer, Path(args.checkpoints), resume)  # rank 0 prepared them
 
-    # ---- train, with the same validation rows scored before and after
-    before = trainer.evaluate()
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
-    runtime = time.perf_counter() - start
-    after = training.final_eval(trainer)  # the in-run evaluation of the final weights, if any
+    # ---- train, with the same validation rows scored before and after (a finished run: taken over as it is)
+    run = training.evaluate_train_evaluate(trainer, Path(args.checkpoints), resume)
     if not trainer.is_world_process_zero():
         return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
     # ---- outputs
     real_tokens = training.count_real_tokens(trainer.train_dataset)
+    epochs = trainer.state.epoch or cfg.epochs
     metrics = {
         "method": "sft",
-        **training.run_metrics(trainer, result, hw, runtime, start_step),
+        **training.run_metrics(trainer, run, hw),
         "memory_plan": memory.record(),
         "loss_mode": loss_mode,
-        "train_rows": len(rows["train"]),
-        "val_rows": len(rows["val"]),
+        "train_rows": len(examples["train"]),
+        "val_rows": len(examples["val"]),
         "train_tokens_per_epoch": real_tokens,
-        "tokens_per_s": round(real_tokens * (trainer.state.epoch or cfg.epochs) / runtime, 1)
-        if runtime > 0
-        else None,
-        "eval_before": training.eval_summary(before),
-        "eval": training.eval_summary(after),
+        "tokens_per_s": round(real_tokens * epochs / run.runtime, 1) if run.runtime > 0 else None,
+        "eval_before": training.eval_summary(run.before),
+        "eval": training.eval_summary(run.after),
     }
-    training.save_run(
-        trainer,
-        tokenizer,
-        out=Path(args.out),
-        metrics_file=args.metrics,
-        metrics=metrics,
-        plots=Path(args.plots),
-        curves=CURVES,
-        chat_template=published,
-        provenance={
-            "stage": "sft",
-            "params": blocks,
-            "base_model": base_info,
-            "data_sha256": data_hash,
-            "quantization": modeling.quantization_record(model, train, hw["backend"]),
-        },
-    )
+    record = {"stage": "sft", **inputs.record()}
+    record["quantization"] = modeling.quantization_record(model, train, hw["backend"])
+    training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)
     print(
         f"sft: train loss {metrics['train_loss']}, val loss {metrics['eval_before']['loss']:.4f} -> "
         f"{metrics['eval']['loss']:.4f}, {metrics['tokens_per_s']} tok/s"

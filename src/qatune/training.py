@@ -1,16 +1,20 @@
-"""What the sft and dpo stages share around TRL's trainers: the TrainingArguments both pass, callbacks,
-resumable checkpoints and their fingerprint, the torchrun / accelerate launch relaunch, logging
-integrations, and the metrics, curves and provenance both write when a run ends.
+"""What the sft and dpo stages share around TRL's trainers: the command line both take, the TrainingArguments
+both pass, callbacks, resumable checkpoints and their fingerprint, the run itself (evaluate, train or take over
+a finished run, evaluate), the torchrun / accelerate launch relaunch, logging integrations, and the metrics,
+curves and provenance both write when a run ends.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +23,41 @@ from typing import Any
 from qatune import compat, lm_head
 from qatune.errors import QatuneError
 from qatune.hardware import fsdp_launched
-from qatune.provenance import code_digest, git_commit, peak_memory_gb, training_report, write_provenance
+from qatune.provenance import (
+    BASE_RECORD,
+    code_digest,
+    git_commit,
+    peak_memory_gb,
+    sha256_files,
+    training_report,
+    write_provenance,
+)
 
 FINGERPRINT = "qatune_fingerprint.txt"
 
 
+# --------------------------------------------------------------------------- command line
+
+
+def stage_parser(doc: str, stage: str) -> argparse.ArgumentParser:
+    """The arguments both training stages take, each defaulting to the path dvc.yaml passes for `stage`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="params file to read")
+    parser.add_argument("--model", default="models/base", help="base model folder from fetch")
+    parser.add_argument("--data", default="data/split", help="folder with train/val/test jsonl")
+    parser.add_argument("--out", default=f"models/{stage}", help="adapter output folder")
+    parser.add_argument("--checkpoints", default=f"models/{stage}-checkpoints", help="resumable checkpoints")
+    parser.add_argument("--metrics", default=f"metrics/{stage}.json", help="summary metrics file")
+    parser.add_argument("--plots", default=f"metrics/{stage}", help="folder for per-step curves")
+    return parser
+
+
 # --------------------------------------------------------------------------- trainer arguments
+
+
+def rows_per_run(cfg) -> int:
+    """The rows a run of `cfg.max_steps` optimizer steps (> 0) draws over all its processes."""
+    return cfg.max_steps * cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def warmup(cfg) -> float:
@@ -201,6 +234,32 @@ def fingerprint(params_blocks: dict[str, Any], *inputs: str) -> str:
     return json.dumps({"params": params_blocks, "inputs": inputs, "code": code_digest()}, sort_keys=True)
 
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What a training run is made of besides the code: the params blocks its stage reads, the base model's
+    record (fetch's qatune_base.json), one digest of the split files, and any other input's digest (dpo: the
+    SFT adapter's). The checkpoints' fingerprint names them all; the adapter's provenance records them."""
+
+    blocks: dict[str, Any]
+    base_model: dict[str, Any]
+    data_sha256: str
+    more: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, blocks: dict[str, Any], model_dir: Path, data: Path, *more: str) -> RunInputs:
+        base = json.loads((model_dir / BASE_RECORD).read_text())
+        return cls(blocks, base, sha256_files([data / f"{s}.jsonl" for s in ("train", "val", "test")]), more)
+
+    def fingerprint(self) -> str:
+        return fingerprint(
+            self.blocks, self.data_sha256, json.dumps(self.base_model, sort_keys=True), *self.more
+        )
+
+    def record(self) -> dict[str, Any]:
+        """Their entries in the adapter's provenance."""
+        return {"params": self.blocks, "base_model": self.base_model, "data_sha256": self.data_sha256}
+
+
 def world_rank() -> int:
     """This process's rank among all of the run's processes (torchrun and accelerate set RANK); 0 alone."""
     return int(os.environ.get("RANK", "0"))
@@ -251,6 +310,24 @@ def resume_step(folder: Path) -> int:
     return max(steps, default=0)
 
 
+def run_finished(checkpoint: Path) -> bool:
+    """Whether a complete checkpoint is the end of its run: its step reached the run's max_steps (the params'
+    max_steps, or the steps `epochs` came to), both as its trainer_state.json records them."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state["global_step"] >= state["max_steps"] > 0
+
+
+def logged_loss(log_history: list[dict], upto_step: int) -> tuple[float, int]:
+    """The training losses Trainer logged up to `upto_step`, one per logging interval and rounded by Trainer
+    to 4 digits: (their sum weighted by the steps each covers, the last step logged)."""
+    total, previous = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and entry["step"] <= upto_step:
+            total += entry["loss"] * (entry["step"] - previous)
+            previous = entry["step"]
+    return total, previous
+
+
 def whole_run_loss(
     log_history: list[dict], start_step: int, run_loss: float, global_step: int, per_run_mean: bool = True
 ) -> float:
@@ -258,17 +335,75 @@ def whole_run_loss(
 
     After a resume, Trainer's `training_loss` covers only the steps this process ran: transformers 5.23
     averages over them (`per_run_mean`), older releases divide their sum by all steps. The steps before
-    `start_step` come back from the logged per-interval losses (rounded by Trainer to 4 digits).
+    `start_step` come back from the logged per-interval losses (logged_loss).
     """
     if start_step <= 0 or global_step <= start_step:
         return run_loss
-    before, previous = 0.0, 0
-    for entry in log_history:
-        if "loss" in entry and entry["step"] <= start_step:
-            before += entry["loss"] * (entry["step"] - previous)
-            previous = entry["step"]
+    before, _ = logged_loss(log_history, start_step)
     this_run = run_loss * ((global_step - start_step) if per_run_mean else global_step)
     return (this_run + before) / global_step
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Run:
+    """A training run as the stages report it: the validation metrics before and after, Trainer's TrainOutput,
+    the seconds train() took (0 for a finished run taken over) and the step the run went on from."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    result: Any
+    runtime: float
+    start_step: int
+
+
+def evaluate_train_evaluate(trainer, checkpoints: Path, prepared: bool) -> Run:
+    """Everything between building the trainer and saving the result. Every rank learns whether the run goes
+    on from a checkpoint (rank 0 `prepared` the folder before the trainer existed), the validation rows are
+    scored, the run trains, and the validation metrics of the weights it ends with are read (final_eval).
+
+    A run whose latest checkpoint is its end (run_finished: DVC reran the stage with the same inputs) is taken
+    over as it is instead: Trainer resumed there still trains a step past max_steps whenever max_steps is not
+    a whole number of epochs (transformers 5.23 skips the epoch's trained batches and steps once before it
+    checks max_steps)."""
+    resume = agreed_resume(trainer, checkpoints, prepared)
+    start_step = resume_step(checkpoints) if resume else 0
+    # under FSDP this first evaluation shards the model, as train() does before it loads a checkpoint
+    before = trainer.evaluate()
+    last = checkpoints / f"checkpoint-{start_step}"
+    if start_step and run_finished(last):
+        print(f"qatune: {last} ends a finished run: taken over as it is, no step trained", flush=True)
+        result, runtime = take_over(trainer, last), 0.0
+    else:
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+        runtime = time.perf_counter() - start
+    return Run(before, final_eval(trainer), result, runtime, start_step)
+
+
+def take_over(trainer, checkpoint: Path):
+    """Put the trainer where train() left it when the run that `checkpoint` ends finished, without a step.
+    Each part the way transformers 5.23's Trainer does it (trainer.py): the checkpoint's trainable weights
+    (the adapter, and dpo's frozen reference copy in its own folder) as train() loads a checkpoint it resumes
+    from (_load_from_checkpoint); the checkpoint's state, with its steps, epoch, log history and best
+    checkpoint (_init_training_state, which forgets a best checkpoint removed since); and under
+    load_best_model_at_end the best checkpoint's weights, as a run's end loads them (_finalize_training ->
+    _load_best_model). Returns what train() returns, a TrainOutput; its loss is the mean of the logged ones
+    (logged_loss: steps after the last logging step have none; NaN when none was logged)."""
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    if state.best_model_checkpoint is not None and not os.path.isdir(state.best_model_checkpoint):
+        state.best_model_checkpoint = None
+    trainer.state = state
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+        trainer._load_best_model()
+    total, steps = logged_loss(state.log_history, state.global_step)
+    return TrainOutput(state.global_step, total / steps if steps else math.nan, {})
 
 
 # --------------------------------------------------------------------------- processes
@@ -431,7 +566,7 @@ def eval_summary(metrics: dict[str, float]) -> dict[str, float]:
     return {k.removeprefix("eval_"): v for k, v in metrics.items() if k == "eval_loss" or "/" in k}
 
 
-def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step: int) -> dict[str, Any]:
+def run_metrics(trainer, run: Run, hw: dict[str, Any]) -> dict[str, Any]:
     """What both stages report about the run itself, whatever the method."""
     state = trainer.state
     return {
@@ -444,15 +579,15 @@ def run_metrics(trainer, result, hw: dict[str, Any], runtime: float, start_step:
         "train_loss": round(
             whole_run_loss(
                 state.log_history,
-                start_step,
-                result.training_loss,
+                run.start_step,
+                run.result.training_loss,
                 state.global_step,
                 per_run_mean=compat.resumed_loss_is_per_run_mean(trainer),
             ),
             4,
         ),
-        "train_runtime_s": round(runtime, 1),
-        "resumed_from_step": start_step,
+        "train_runtime_s": round(run.runtime, 1),
+        "resumed_from_step": run.start_step,
         "world_size": trainer.args.world_size,  # processes that trained, over every machine
         "best_eval_loss": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
@@ -501,26 +636,25 @@ def drop_other_adapters(model, out: Path) -> list[str]:
 def save_run(
     trainer,
     tokenizer,
-    *,
-    out: Path,
-    metrics_file: str,
+    args: argparse.Namespace,
     metrics: dict,
-    plots: Path,
+    *,
     curves: dict,
-    chat_template: str | None,
-    provenance: dict,
+    template: str | None,
+    record: dict,
 ) -> None:
-    """Write what a training stage declares: the adapter with its tokenizer (carrying the model's own
-    `chat_template`, never the training copy), the metrics file (peak memory added), the per-step curves,
-    and the provenance record next to the adapter."""
+    """Write what a training stage declares, where its command line (stage_parser) says: the adapter with its
+    tokenizer in --out (carrying the model's own chat `template`, never the training copy), the --metrics file
+    (peak memory added), the per-step `curves` in --plots, and the provenance `record` next to the adapter."""
     from qatune.io import write_json
 
+    out = Path(args.out)
     trainer.save_model(str(out))
     drop_other_adapters(trainer.model, out)
-    tokenizer.chat_template = chat_template
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
     metrics.update(peak_memory_gb())
-    write_json(metrics_file, metrics)
+    write_json(args.metrics, metrics)
     print(training_report(metrics.get("method", "train"), metrics), flush=True)
-    write_history(trainer.state.log_history, plots, curves)
-    write_provenance(out, {**provenance, "git_commit": git_commit(), "metrics": metrics})
+    write_history(trainer.state.log_history, Path(args.plots), curves)
+    write_provenance(out, {**record, "git_commit": git_commit(), "metrics": metrics})

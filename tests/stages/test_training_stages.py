@@ -216,6 +216,53 @@ def test_killed_sft_resumes_from_its_last_checkpoint(project):
     assert json.loads((proj / "metrics/sft.json").read_text())["resumed_from_step"] == 0
 
 
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_a_finished_run_run_again_trains_no_step_past_its_end(project, name):
+    """DVC reruns a stage with the same inputs (`dvc repro -f`, or outputs lost): the checkpoints are the finished
+    run's own and the last one is at max_steps. Nothing trains: the adapter is the finished run's (sft keeps the
+    best checkpoint, load_best_model_at_end; dpo the last step's) and the metrics report its 4 steps. 24 train
+    rows in batches of 8 are 3 steps an epoch, so step 4 sits inside the second epoch, where Trainer resumed
+    from checkpoint-4 trained a 5th step."""
+    proj = project(**{name: {"batch_size": 8}})
+    data_stages(proj)
+    if name == "dpo":
+        stage(proj, "sft")
+    stage(proj, name)
+    adapter = proj / f"models/{name}/adapter_model.safetensors"
+    checkpoints = proj / f"models/{name}-checkpoints"
+    first, first_weights = json.loads((proj / f"metrics/{name}.json").read_text()), load_file(str(adapter))
+
+    stage(proj, name)
+    again = json.loads((proj / f"metrics/{name}.json").read_text())
+    assert (again["steps"], again["resumed_from_step"], again["train_runtime_s"]) == (4, 4, 0.0)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    weights = load_file(str(adapter))
+    assert set(weights) == set(first_weights) and all(
+        torch.equal(weights[k], first_weights[k]) for k in weights
+    )
+    for key in ("epochs", "eval_before", "eval", "best_eval_loss", "best_checkpoint"):
+        assert again[key] == first[key], key
+    # logging_steps 1: the mean of the logged per-step losses, each rounded by Trainer to 4 digits
+    assert again["train_loss"] == pytest.approx(first["train_loss"], abs=2e-4)
+    assert not (proj / f"models/{name}/ref").exists()
+
+    # sft: the best checkpoint the last one records is the result, as Trainer loads it at the end of a run
+    if name == "sft":
+        state_file = checkpoints / "checkpoint-4/trainer_state.json"
+        state = json.loads(state_file.read_text())
+        best = str(checkpoints.relative_to(proj) / "checkpoint-2")
+        step_2 = next(e for e in state["log_history"] if e["step"] == 2 and "eval_loss" in e)
+        state.update(best_model_checkpoint=best, best_metric=step_2["eval_loss"])
+        state_file.write_text(json.dumps(state))
+        stage(proj, name)
+        again = json.loads((proj / f"metrics/{name}.json").read_text())
+        assert (again["steps"], again["best_checkpoint"]) == (4, best)
+        assert again["eval"]["loss"] == step_2["eval_loss"]
+        weights = load_file(str(adapter))
+        saved = load_file(str(checkpoints / "checkpoint-2/adapter_model.safetensors"))
+        assert set(weights) == set(saved) and all(torch.equal(weights[k], saved[k]) for k in weights)
+
+
 def test_two_processes_on_cpu(project):
     proj = project(train={"num_processes": 2})
     data_stages(proj)

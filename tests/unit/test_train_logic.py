@@ -59,6 +59,13 @@ def test_4bit_on_cpu_is_refused_with_a_clear_message():
     check_quantization(False, False)
 
 
+def test_8bit_on_cpu_is_refused_with_a_clear_message():
+    with pytest.raises(QatuneError, match=r"^train.load_in_8bit: 8-bit .* needs a CUDA GPU") as err:
+        check_quantization(False, False, load_in_8bit=True)
+    assert "\n" not in str(err.value)
+    check_quantization(False, True, load_in_8bit=True)
+
+
 def test_examples_carry_the_system_prompt():
     row = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "A."}
     ex = sft_example(row, "Be safe.", "assistant_only")
@@ -136,6 +143,29 @@ def test_prepare_checkpoints_drops_a_checkpoint_cut_short_and_other_runs(tmp_pat
     assert done.is_dir() and not cut.exists()
     assert prepare_checkpoints(folder, "run-b") is False  # another run's checkpoints are never resumed
     assert not done.exists()
+
+
+@pytest.mark.parametrize(
+    ("step", "max_steps", "finished"),
+    [(30, 30, True), (15, 30, False), (112, 112, True)],  # 112: the steps `epochs: 1` came to (max_steps -1)
+)
+def test_a_checkpoint_at_its_runs_last_step_is_the_end_of_the_run(tmp_path, step, max_steps, finished):
+    from qatune.training import run_finished
+
+    (tmp_path / "trainer_state.json").write_text(f'{{"global_step": {step}, "max_steps": {max_steps}}}')
+    assert run_finished(tmp_path) is finished
+
+
+def test_the_logged_losses_give_a_resumed_and_a_taken_over_runs_mean():
+    from qatune.training import logged_loss, whole_run_loss
+
+    # logging_steps 5 over 12 steps: intervals 1-5 and 6-10 logged, 11-12 never (no logging step)
+    history = [{"loss": 2.0, "step": 5}, {"eval_loss": 9.0, "step": 5}, {"loss": 1.0, "step": 10}]
+    assert logged_loss(history, 12) == (15.0, 10)  # a finished run taken over: 15 / 10 steps
+    assert logged_loss(history, 7) == (10.0, 5)
+    # resumed at step 5, this process ran steps 6-12 at a mean of 0.5 (transformers 5.23: per-run mean)
+    assert whole_run_loss(history, 5, 0.5, 12) == pytest.approx((10.0 + 0.5 * 7) / 12)
+    assert whole_run_loss(history, 0, 0.5, 12) == 0.5  # not resumed: Trainer's own mean
 
 
 @pytest.mark.parametrize(
