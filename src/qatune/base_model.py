@@ -135,7 +135,12 @@ def bundled_tokenizer(name: str):
             config.pop(f"{attr}_id", None)
         state_file.write_text(json.dumps(state, ensure_ascii=False))
         config_file.write_text(json.dumps(config, ensure_ascii=False, indent=2))
-        return AutoTokenizer.from_pretrained(tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+    # How it was loaded is not part of the tokenizer: from_pretrained records local_files_only (true under
+    # HF_HUB_OFFLINE=1) and save_pretrained would write it, so models/base, and every stage after fetch,
+    # would differ between a `make repro` and a plain `dvc repro`.
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    return tokenizer
 
 
 def convert_bundled(name: str, out: Path) -> dict[str, Any]:

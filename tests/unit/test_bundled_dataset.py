@@ -200,3 +200,18 @@ def test_the_bundled_tokenizer_is_what_its_gguf_file_states():
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_the_saved_bundled_tokenizer_is_the_same_online_and_offline(tmp_path, monkeypatch):
+    """models/base must not depend on how the stage was started: from_pretrained records local_files_only
+    (true under HF_HUB_OFFLINE=1, which `make repro` sets and a plain `dvc repro` may not) and
+    save_pretrained wrote it, so a fresh clone's `make repro` disagreed with a lock written by `dvc repro`."""
+    from qatune.base_model import bundled_tokenizer
+
+    saved = {}
+    for offline in ("1", "0"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        bundled_tokenizer("smollm2-135m-instruct").save_pretrained(tmp_path / offline)
+        saved[offline] = (tmp_path / offline / "tokenizer_config.json").read_text()
+    assert "local_files_only" not in saved["1"]
+    assert saved["1"] == saved["0"]
