@@ -1,5 +1,6 @@
-"""dpo: preference optimisation of the SFT adapter: TRL's DPOTrainer on pairs or KTOTrainer on
-unpaired answers (`dpo.method`); the reference model is the SFT model.
+"""dpo: preference optimisation of the SFT adapter, or of a new adapter on the base when sft.enabled is false:
+TRL's DPOTrainer on pairs or KTOTrainer on unpaired answers (`dpo.method`); the reference model is the model
+training starts from (the SFT model, or the base). "The SFT model" below means that starting model.
 
     python stages/dpo.py --params params.yaml --model models/base --sft models/sft --data data/split \
         --out models/dpo --checkpoints models/dpo-checkpoints --metrics metrics/dpo.json --plots metrics/dpo
@@ -132,7 +133,7 @@ def training_examples(
             model, tokenizer, rows["train"], cfg.on_policy_harm_rows, cfg.on_policy_fact_rows, *asking
         )
         rows["train"], on_policy = extra + rows["train"], {"on_policy": seen, "on_policy_made": len(extra)}
-        print(f"dpo: {len(extra)} on-policy pairs from the SFT model's answers: {seen}")
+        print(f"dpo: {len(extra)} on-policy pairs from the starting model's own answers: {seen}")
     if cfg.method == "kto":  # every answer on its own: chosen = desirable, rejected = undesirable
         examples = {
             s: [e for r in rs for e in kto_examples(r, train.system_prompt, kwargs)] for s, rs in rows.items()

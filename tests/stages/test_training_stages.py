@@ -169,7 +169,7 @@ def test_on_policy_pairs_push_down_the_sft_models_own_answers(project, tmp_path)
     assert sum(seen["harm"].values()) == 3  # three harmful requests asked, each answer classified
     assert sum(seen["facts"].values()) == 2  # two fact rows asked
     made = metrics["on_policy_made"]
-    assert f"dpo: {made} on-policy pairs from the SFT model's answers" in out
+    assert f"dpo: {made} on-policy pairs from the starting model's own answers" in out
     assert made == seen["harm"].get("evades", 0) + seen["harm"].get("affirms", 0) == 3  # never a refusal
     assert seen["facts"].get("contradicts", 0) == 0  # gibberish states no number: nothing to push down
     assert metrics["pairs"] == 8  # max_steps 4 x batch 2: the on-policy pairs first, then the data's
