@@ -36,12 +36,21 @@ def code_digest() -> str:
     return sha256_files(sorted(files))
 
 
+# What the pipeline itself writes into tracked files while it runs: a change there is the run, not the code.
+PIPELINE_WRITES = ("dvc.lock", "metrics")
+
+
 def git_commit() -> str | None:
-    """HEAD's commit, with "-dirty" when tracked files have uncommitted changes; None outside git."""
+    """HEAD's commit, with "-dirty" when tracked files other than the pipeline's own outputs (dvc.lock,
+    metrics/) have uncommitted changes; None outside git. A `dvc repro` of a clean checkout rewrites those
+    as it goes, so without the exclusion every stage after the first would call its own commit dirty."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        excluded = [f":(top,exclude){path}" for path in PIPELINE_WRITES]
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", *excluded],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
