@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
 # Make a container engine usable for `make image-check` on a CI machine:
-#   docker/engine-setup.sh ENGINE IMAGE
-# - no engine that answers (`docker` may be a client with no daemon): install Debian's podman with runc,
-#   catatonit (`--init`), debootstrap (the local base) and fuse-overlayfs (root and apt needed);
+#   docker/engine-setup.sh ENGINE            install what is missing
+#   docker/engine-setup.sh ENGINE IMAGE      ... and check that a container of IMAGE starts
+# - podman, runc, catatonit (`--init`), debootstrap (the local base) or fuse-overlayfs missing: install them
+#   from Debian (root and apt needed); another engine that does not answer is an error;
 # - a container that cannot start because the engine asks for more than this machine allows (rlimits above
 #   the host's hard limits; crun on a hybrid cgroup tree): add a drop-in,
 #   /etc/containers/containers.conf.d/50-qatune.conf, with the host's limits and runc. An existing
 #   containers.conf is never touched.
 set -euo pipefail
 engine=$1
-image=$2
-if ! "$engine" info >/dev/null 2>&1; then
-  if [ "$engine" != podman ] || [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    echo "error: $engine does not answer ($engine info); install podman or start the docker daemon" >&2
-    exit 1
+image=${2:-}
+if [ "$engine" = podman ]; then
+  missing=$(for c in podman runc catatonit debootstrap fuse-overlayfs; do command -v "$c" >/dev/null || echo "$c"; done)
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+      echo "error: missing for the image check: $(echo $missing); install them (Debian: apt-get install podman runc catatonit debootstrap fuse-overlayfs)" >&2
+      exit 1
+    fi
+    echo "installing for the image check (Debian packages): $(echo $missing)"
+    packages="podman runc catatonit debootstrap containernetworking-plugins slirp4netns uidmap fuse-overlayfs"
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null; }
   fi
-  echo "installing podman (Debian) for the image check"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    podman runc catatonit debootstrap containernetworking-plugins slirp4netns uidmap fuse-overlayfs >/dev/null
+elif ! "$engine" info >/dev/null 2>&1; then
+  echo "error: $engine does not answer ($engine info); install podman or start the docker daemon" >&2
+  exit 1
 fi
+[ -n "$image" ] || exit 0
 if "$engine" run --rm "$image" true 2>/dev/null; then
   exit 0
 fi

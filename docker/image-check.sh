@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU image, built and used (`make image-check`, run by .ci/run):
-#   1. the engine answers (docker/engine-setup.sh installs podman on a CI machine that has none);
+#   1. the engine answers (docker/engine-setup.sh installs podman on a CI machine that has none; a docker
+#      client with no daemon is passed over for podman);
 #   2. qatune:cpu builds from the Makefile's BASE_IMAGE, or the local Debian base where none can be pulled;
 #   3. the runtime image has no compiler (gcc, cc, g++, c++, cmake, make, ninja);
 #   4. inside it, on a scratch copy of this repository mounted at /app: `qatune --help`,
@@ -11,11 +12,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engine=${CONTAINER_ENGINE:-podman}
+# A docker client with no daemon (this kind of machine has one): podman instead, installed if missing
+if [ "$engine" != podman ] && ! "$engine" info >/dev/null 2>&1; then
+  echo "image-check: $engine does not answer; using podman"
+  engine=podman
+fi
 image=${IMAGE:-qatune}:cpu
 make=${MAKE:-make}
 start=$(date +%s)
 say() { echo "image-check [$(($(date +%s) - start)) s]: $*"; }
 
+docker/engine-setup.sh "$engine"
 base=$(docker/base.sh "$engine" "${BASE_IMAGE:-debian:bookworm-slim}")
 docker/engine-setup.sh "$engine" "$base"
 say "building $image on $base"
