@@ -51,6 +51,11 @@ def compare_server(chat_project: Path, tmp_path: Path):
             proc.kill()
 
 
+def as_shown(text: str) -> str:
+    """A text as an HTML textarea's value gives it back (the HTML standard's newline normalisation)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def test_compare_votes_in_a_real_browser_become_preference_pairs(compare_server, tmp_path: Path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -89,7 +94,9 @@ def test_compare_votes_in_a_real_browser_become_preference_pairs(compare_server,
     assert len(rows) == 2
     for row, (pick, left, right, reveal) in zip(rows, shown, strict=True):
         assert row["pick"] == pick and row["prompt"] == "How much protein do I need to build muscle?"
-        assert (row["left_answer"], row["right_answer"]) == (left, right)
+        # a textarea's value has its line breaks normalised (CR LF and a lone CR become LF): the votes file
+        # keeps the answers as generated, which a random tiny model may give a stray CR
+        assert (as_shown(row["left_answer"]), as_shown(row["right_answer"])) == (left, right)
         assert {row["left_model"], row["right_model"]} == {"models/base", "models/merged"}
         assert f"Left: {row['left_model']}" in reveal and row["time"]
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (rows[0]["left_answer"], rows[0]["right_answer"])
