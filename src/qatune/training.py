@@ -370,6 +370,7 @@ def evaluate_train_evaluate(trainer, checkpoints: Path, prepared: bool) -> Run:
     checks max_steps)."""
     resume = agreed_resume(trainer, checkpoints, prepared)
     start_step = resume_step(checkpoints) if resume else 0
+    load_top_level_adapter_too(trainer)
     # under FSDP this first evaluation shards the model, as train() does before it loads a checkpoint
     before = trainer.evaluate()
     last = checkpoints / f"checkpoint-{start_step}"
@@ -381,6 +382,29 @@ def evaluate_train_evaluate(trainer, checkpoints: Path, prepared: bool) -> Run:
         result = trainer.train(resume_from_checkpoint=True if resume else None)
         runtime = time.perf_counter() - start
     return Run(before, final_eval(trainer), result, runtime, start_step)
+
+
+def load_top_level_adapter_too(trainer) -> None:
+    """Make the trainer's checkpoint loading (a resume, or take_over) restore the adapter that trains.
+
+    TRL 1.15's DPOTrainer (the CUDA image's) saves the policy's adapter at the checkpoint's top level and its
+    reference copy in `ref/`. transformers' Trainer._load_from_checkpoint, given a PEFT checkpoint with adapter
+    subfolders, loads only the subfolders (5.17 and 5.23 alike): the policy would go on from the weights it
+    started with while the optimiser and step count come back. So after Trainer's own loading, a top-level
+    adapter next to adapter subfolders is loaded into the active adapter as well."""
+    original = trainer._load_from_checkpoint
+
+    def load(resume_from_checkpoint, model=None):
+        original(resume_from_checkpoint, model)
+        peft_model = model if model is not None else trainer.model
+        folder = Path(resume_from_checkpoint)
+        subfolders = [d for d in folder.iterdir() if d.is_dir() and (d / "adapter_config.json").is_file()]
+        if subfolders and (folder / "adapter_config.json").is_file() and hasattr(peft_model, "load_adapter"):
+            active = peft_model.active_adapters[0]
+            peft_model.load_adapter(str(folder), active, is_trainable=True)
+            peft_model.set_adapter(active)
+
+    trainer._load_from_checkpoint = load
 
 
 def take_over(trainer, checkpoint: Path):
