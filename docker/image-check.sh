@@ -58,7 +58,7 @@ git -C "$work/repo" -c user.email=ci@qatune.invalid -c user.name="qatune image c
   python -c "import json; c = json.load(open(\"metrics/clean.json\")); print(\"clean:\", {k: c[k] for k in list(c)[:4]})"
   python -m qatune.tiny /tmp/tiny --family llama >/dev/null
   dvc exp run --name tiny-sft -S base_model.source=/tmp/tiny -S hub.base_model_id=qatune-tests/tiny-random-llama \
-    -S sft.enabled=true -S sft.max_steps=2 -S sft.batch_size=2 -S sft.grad_accum=1 -S sft.max_length=128 \
+    -S "train.system_prompt=Be safe." -S sft.enabled=true -S sft.max_steps=2 -S sft.batch_size=2 -S sft.grad_accum=1 \
     -S sft.eval_steps=2 -S sft.save_steps=2 -S sft.eval_rows=4 -S sft.logging_steps=1 -S sft.optim=adamw_torch \
     -S train.lora.r=4 -S train.precision=fp32 sft
   python -c "import json; m = json.load(open(\"metrics/sft.json\")); assert m[\"steps\"] == 2, m; print(\"sft on a tiny model:\", m[\"steps\"], \"steps, train loss\", m.get(\"train_loss\"))"
