@@ -27,7 +27,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-slow test-cuda-stack lint format lock dag clean-outputs bench bench-pipeline
+.PHONY: setup repro test test-fast test-slow test-cuda-stack lint format lock dag clean-outputs bench bench-pipeline
 
 setup: $(STAMP) $(LLAMA_CPP_STAMP)
 
@@ -62,6 +62,10 @@ repro: setup
 
 test: setup
 	$(BIN)/pytest -n 2 -m "not slow" tests
+
+# The inner loop: the unit tier alone (no stage subprocesses, no browser; about 80 s on 2 cores)
+test-fast: setup
+	$(BIN)/pytest -n 2 -m "not slow" tests/unit
 
 test-slow: setup
 	$(BIN)/pytest -m slow tests
