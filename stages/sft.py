@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         "val_rows": len(examples["val"]),
         "train_tokens_per_epoch": real_tokens,
         "tokens_per_s": round(real_tokens * epochs / run.runtime, 1) if run.runtime > 0 else None,
-        "eval_before": training.eval_summary(run.before),
-        "eval": training.eval_summary(run.after),
+        "eval_before": training.eval_summary(run.before, perplexity=True),
+        "eval": training.eval_summary(run.after, perplexity=True),
     }
     record = {"stage": "sft", **inputs.record()}
     record["quantization"] = modeling.quantization_record(model, train, hw["backend"])

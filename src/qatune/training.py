@@ -371,6 +371,10 @@ def evaluate_train_evaluate(trainer, checkpoints: Path, prepared: bool) -> Run:
     resume = agreed_resume(trainer, checkpoints, prepared)
     start_step = resume_step(checkpoints) if resume else 0
     load_top_level_adapter_too(trainer)
+    trainable, total = parameter_counts(trainer.model)  # printed as PEFT prints them (seed 003)
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
     # under FSDP this first evaluation shards the model, as train() does before it loads a checkpoint
     before = trainer.evaluate()
     last = checkpoints / f"checkpoint-{start_step}"
@@ -405,6 +409,15 @@ def load_top_level_adapter_too(trainer) -> None:
             peft_model.set_adapter(active)
 
     trainer._load_from_checkpoint = load
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameters: PEFT's own count (4-bit weights counted as the parameters they stand
+    for), else the tensors' sizes."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def take_over(trainer, checkpoint: Path):
@@ -585,9 +598,13 @@ def final_eval(trainer) -> dict[str, float]:
     return trainer.evaluate()
 
 
-def eval_summary(metrics: dict[str, float]) -> dict[str, float]:
-    """An `evaluate()` result without its prefix and timing entries: loss and the method's own measures."""
-    return {k.removeprefix("eval_"): v for k, v in metrics.items() if k == "eval_loss" or "/" in k}
+def eval_summary(metrics: dict[str, float], perplexity: bool = False) -> dict[str, float]:
+    """An `evaluate()` result without its prefix and timing entries: loss and the method's own measures, and
+    with `perplexity` (SFT, whose eval loss is the mean answer-token NLL) exp(loss), as seed 002 reports it."""
+    out = {k.removeprefix("eval_"): v for k, v in metrics.items() if k == "eval_loss" or "/" in k}
+    if perplexity and "loss" in out:
+        out["perplexity"] = round(math.exp(out["loss"]), 4)
+    return out
 
 
 def run_metrics(trainer, run: Run, hw: dict[str, Any]) -> dict[str, Any]:

@@ -52,9 +52,14 @@ def test_sft_then_dpo(project):
     # value test_preference_methods.py checks)
     proj = project(dpo={"loss_type": ["sigmoid"], "loss_weights": None})
     data_stages(proj)
-    stage(proj, "sft")
+    out = stage(proj, "sft").stdout
     sft = json.loads((proj / "metrics/sft.json").read_text())
     assert sft["steps"] == 4 and sft["loss_mode"] == "assistant_only" and sft["backend"] == "transformers"
+    # seed 002's perplexity (exp of the eval loss) and seed 003's printed parameter counts
+    assert sft["eval"]["perplexity"] == round(math.exp(sft["eval"]["loss"]), 4) > 1
+    counts = re.search(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ", out)
+    trainable, total = (int(g.replace(",", "")) for g in counts.groups())
+    assert 0 < trainable < total
     assert sft["lm_head"] == "qatune"  # CPU: the tiled answer-only head (tests/unit/test_lm_head.py)
     assert sft["eval"]["loss"] < sft["eval_before"]["loss"]  # lr 1e-2 on a random model: val loss drops
     assert sft["tokens_per_s"] > 0 and sft["peak_rss_gb"] > 0
@@ -81,7 +86,7 @@ def test_sft_then_dpo(project):
     shared |= {"resumed_from_step", "best_eval_loss", "best_checkpoint", "eval_before", "eval", "peak_rss_gb"}
     assert shared <= set(sft) and shared <= set(dpo)
     assert (sft["method"], dpo["method"]) == ("sft", "dpo")
-    assert set(sft["eval_before"]) == set(sft["eval"]) == {"loss"}
+    assert set(sft["eval_before"]) == set(sft["eval"]) == {"loss", "perplexity"}
     assert set(dpo["eval_before"]) == set(dpo["eval"]) and "rewards/accuracies" in dpo["eval"]
     sft_w = load_file(str(proj / "models/sft/adapter_model.safetensors"))
     dpo_w = load_file(str(proj / "models/dpo/adapter_model.safetensors"))
