@@ -4,6 +4,8 @@ assistant turn is learned, everything else is masked, and the template published
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 from trl import chat_template_utils as trl_templates
 
@@ -101,25 +103,21 @@ def test_thinking_switch_reaches_only_templates_that_read_it():
     assert off.endswith("<think>\n\n</think>\n\n") and not on.endswith("</think>\n\n")
 
 
-@pytest.mark.parametrize("turns", ["all", "last"])
-def test_multi_turn_rows_train_every_answer_or_the_last_one(tiny_model_dir, turns):
-    """Through TRL's own tokenisation and collator: the labels that are not -100 are exactly the answers."""
+def first_sft_batch(model_dir, tok, example: dict) -> dict:
+    """The first batch TRL's SFTTrainer makes of one example, through its own tokenisation and collator,
+    with `assistant_only_loss` set as stages/sft.py sets it."""
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    tok.chat_template, mode = chat_template_for_training(tok)
-    row = {"prompt": CONVERSATION[:3], "chosen": CONVERSATION[3]["content"]}
-    example = sft_example(row, "Be safe.", mode, turns)
     trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
         processing_class=tok,
         train_dataset=Dataset.from_list([example]),
         peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
         args=SFTConfig(
-            output_dir="/tmp/qatune-mask-turns",
+            output_dir=tempfile.mkdtemp(prefix="qatune-sft-batch-"),
             assistant_only_loss="messages" in example,
             use_cpu=True,
             report_to="none",
@@ -127,7 +125,19 @@ def test_multi_turn_rows_train_every_answer_or_the_last_one(tiny_model_dir, turn
             max_length=256,
         ),
     )
-    batch = next(iter(trainer.get_train_dataloader()))
+    return next(iter(trainer.get_train_dataloader()))
+
+
+@pytest.mark.parametrize("turns", ["all", "last"])
+def test_multi_turn_rows_train_every_answer_or_the_last_one(tiny_model_dir, turns):
+    """Through TRL's own tokenisation and collator: the labels that are not -100 are exactly the answers."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template, mode = chat_template_for_training(tok)
+    row = {"prompt": CONVERSATION[:3], "chosen": CONVERSATION[3]["content"]}
+    example = sft_example(row, "Be safe.", mode, turns)
+    batch = first_sft_batch(tiny_model_dir, tok, example)
     learned = tok.decode([t for t in batch["labels"][0].tolist() if t != -100])
     assert "3 to 5 g a day." in learned
     assert ("About 1.6 g per kg." in learned) == (turns == "all")
@@ -188,31 +198,14 @@ def test_plain_format_opens_with_bos_where_the_tokenizer_adds_it():
 def test_plain_rows_are_learned_whole_and_are_the_text_the_model_is_served(tiny_model_dir):
     """Through TRL's own tokenisation and collator: every token of "User: ...\\nAssistant: ..." is learned,
     EOS included, and the row is exactly what the published template renders for that conversation."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from transformers import AutoTokenizer
 
     tok = use_prompt_format(AutoTokenizer.from_pretrained(tiny_model_dir), "plain")
     published, kwargs, mode = use_training_template(tok, False)
     assert mode == "whole_text" and is_plain(published) and tok.chat_template == published and kwargs == {}
     example = sft_example(QA, None, mode)
     assert example == {"text": "User: How often should I train?\nAssistant: Three times a week."}
-    trainer = SFTTrainer(
-        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        processing_class=tok,
-        train_dataset=Dataset.from_list([example]),
-        peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
-        args=SFTConfig(
-            output_dir="/tmp/qatune-plain-rows",
-            assistant_only_loss="messages" in example,  # as stages/sft.py sets it
-            use_cpu=True,
-            report_to="none",
-            per_device_train_batch_size=1,
-            max_length=256,
-        ),
-    )
-    batch = next(iter(trainer.get_train_dataloader()))
+    batch = first_sft_batch(tiny_model_dir, tok, example)
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     assert labels == ids  # the loss on the whole text (the model shifts the labels itself)
     served = tok.apply_chat_template(
