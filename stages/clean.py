@@ -4,9 +4,10 @@
         --out data/clean/rows.jsonl --rejects data/clean/rejects.jsonl --metrics metrics/clean.json
 
 Reads `clean`, `fetch.sources` (for each source's format), `dpo.method` (with kto, a label-false
-completion with no good partner is kept alone for KTO, never as an answer) and `train.system_prompt`
-from params. Token lengths are measured as training sees a row: the base model's own tokenizer and chat
-template, the system prompt included. Over-long rows are cut to fit (clean.over_long: truncate; a prompt
+completion with no good partner is kept alone for KTO, never as an answer), `train.system_prompt` and
+`train.prompt_format` from params. Token lengths are measured as training sees a row: the base model's own
+tokenizer and the prompt format training renders (the model's chat template, or seed 001's plain
+`User:`/`Assistant:` text), the system prompt included. Over-long rows are cut to fit (clean.over_long: truncate; a prompt
 keeps its end, an answer its start) or rejected (drop). kept + dropped == read.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from qatune.chat import use_prompt_format
 from qatune.clean import choose_format, clean_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.facts import parse_fact
@@ -23,10 +25,10 @@ from qatune.io import write_json, write_jsonl
 from qatune.params import load_params
 
 
-def token_counter(model_dir: str):
+def token_counter(model_dir: str, prompt_format: str = "chat"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = use_prompt_format(AutoTokenizer.from_pretrained(model_dir), prompt_format)
 
     def count(messages: list[dict], generation_prompt: bool) -> int:
         text = tokenizer.apply_chat_template(
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     result = clean_rows(
         envelopes,
         formats,
-        token_counter(args.model),
+        token_counter(args.model, params.train.prompt_format),
         c.max_prompt_length,
         c.max_length,
         c.max_field_chars,

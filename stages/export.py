@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     system = params.train.system_prompt
     template = export.ollama_template(tokenizer, kwargs, has_system=bool(system))
     (out / "Modelfile").write_text(
-        export.modelfile(
-            export.file_name(cfg.modelfile_quant), template, stops.texts, system, params.generate
-        ),
+        export.modelfile(export.file_name(cfg.modelfile_quant), template, stops, system, params.generate),
         encoding="utf-8",
     )
     checked = template_check(params, args.merged, out / export.file_name(cfg.modelfile_quant), template)

@@ -16,9 +16,12 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qatune.errors import QatuneError
+
+if TYPE_CHECKING:
+    from qatune.generation import StopTokens
 
 CONVERTER_ENV = "QATUNE_LLAMA_CPP_DIR"
 # What the converter writes itself; the rest go through llama.cpp's quantiser from the 16-bit file.
@@ -207,9 +210,11 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
-def modelfile(gguf_name: str, template: str, stops: list[str], system: str | None, generate) -> str:
+def modelfile(gguf_name: str, template: str, stops: StopTokens, system: str | None, generate) -> str:
     """An Ollama Modelfile: the GGUF, the model's own chat template, system prompt, sampling defaults and
-    one `PARAMETER stop` per text that ends an answer (the end-of-turn token and every eos token)."""
+    one `PARAMETER stop` per text that ends an answer (the end-of-turn token, every eos token, and the plain
+    format's next "\nUser:" line). Ollama's Modelfile parser keeps a quoted value's characters as they are, a
+    newline included (its own `ollama show --modelfile` writes such a stop the same way), and knows no escapes."""
     lines = [
         "# Ollama: ollama create qatune -f Modelfile && ollama run qatune",
         f"FROM ./{gguf_name}",
@@ -223,5 +228,5 @@ def modelfile(gguf_name: str, template: str, stops: list[str], system: str | Non
         f"PARAMETER repeat_penalty {generate.repetition_penalty}",
         f"PARAMETER num_predict {generate.max_new_tokens}",
     ]
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+    lines += [f'PARAMETER stop "{stop}"' for stop in [*stops.texts, *stops.strings]]
     return "\n".join(lines) + "\n"

@@ -88,7 +88,7 @@ def test_bad_input_rows_become_rejects_and_counts_add_up(project, tmp_path):
 def test_token_limits_use_the_base_tokenizer_and_cut_or_drop(project, tmp_path):
     from transformers import AutoTokenizer
 
-    from qatune.chat import conversation
+    from qatune.chat import conversation, use_prompt_format
 
     rows = [
         {"question": "protein " * 300 + "How much?", "chosen": "ok", "rejected": "no"},
@@ -121,6 +121,22 @@ def test_token_limits_use_the_base_tokenizer_and_cut_or_drop(project, tmp_path):
     assert [r["reason"] for r in read(proj / "data/clean/rejects.jsonl")] == ["prompt_too_long", "too_long"]
     metrics = json.loads((proj / "metrics/clean.json").read_text())
     assert (metrics["kept"], metrics["dropped"], metrics["truncated"]) == (1, 2, {"prompt": 0, "answer": 0})
+
+    # Seed 001's plain format is what training renders then: the limits count its `User:`/`Assistant:` text,
+    # not the chat template's markup, so a cut prompt keeps more of its words and still fits.
+    chat_words = kept[0]["prompt"][0]["content"].count("protein")
+    params["clean"]["over_long"] = "truncate"
+    params["train"]["prompt_format"] = "plain"
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    stage(proj, "clean")
+    use_prompt_format(tok, "plain")
+    plain = read(proj / "data/clean/rows.jsonl")
+    for row in plain:
+        prompt = conversation(row, system)
+        assert count(prompt, True) <= c["max_prompt_length"]
+        assert count([*prompt, {"role": "assistant", "content": row["chosen"]}], False) <= c["max_length"]
+    assert plain[0]["prompt"][0]["content"].count("protein") > chat_words
+    assert count(conversation(plain[0], system), True) > c["max_prompt_length"] - 4  # cut to the plain limit
 
 
 def test_full_data_path_writes_splits_and_provenance(project):

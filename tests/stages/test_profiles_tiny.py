@@ -10,7 +10,12 @@ its checkpoint (learning rate, schedule, warmup, optimiser, beta, ...):
 - the base model: the tiny model of the family (no download);
 - each source: a local file in the source's own format with the same `use_as`, 12 rows (no Hub);
 - CUDA-only switches: 4-bit, Unsloth and fp16 need a GPU (their selection logic is tested in tests/unit);
-- steps, batch sizes and lengths: two optimiser steps of two short rows.
+- steps, batch sizes and lengths: two optimiser steps of two short rows;
+- the evaluation: four questions answered in eight greedy tokens, no sentence-embedding model.
+
+After training, the run goes on as `dvc repro` does: score@{base,sft,final}, evaluate, merge, then one
+`qatune ask` on the merged model, which must prompt it the way it was trained (the family's template, or
+seed 001's plain text) and stop there.
 """
 
 import json
@@ -86,6 +91,8 @@ def cuts(data: dict, model_dir: Path, data_dir: Path) -> dict[str, object]:
     for block in ("sft", "dpo"):
         out |= {f"{block}.{key}": value for key, value in STEP_CUTS.items()}
     out["clean.max_length"] = 384
+    out |= {"evaluate.batch_size": 4, "evaluate.max_new_tokens": 8, "evaluate.generate_rows": 4}
+    out |= {"evaluate.semantic_model": None, "evaluate.sample_answers": 2}
     # Room for the default's system prompt (203 tokens under the tiny Qwen3 tokenizer, which clean counts in
     # the prompt) and a question, below clean.max_length: seed 000's own 256 stays.
     out["clean.max_prompt_length"] = min(data["clean"]["max_prompt_length"], 320)
@@ -126,8 +133,7 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
     got = dict(flatten(written))
     differ = {k for k in want.keys() | got.keys() if want.get(k, MISSING) != got.get(k, MISSING)}
     assert differ <= set(changes), f"changed beyond the cuts: {sorted(differ - set(changes))}"
-    stages = ["fetch", "clean", "split", "sft"] + (["dpo"] if params.dpo.enabled else [])
-    for stage in stages:
+    for stage in ["fetch", "clean", "split", "sft", "dpo"]:  # dpo.enabled false: the SFT adapter is copied
         run([sys.executable, f"stages/{stage}.py"], proj)
     split = json.loads((proj / "metrics/split.json").read_text())
     sft = json.loads((proj / "metrics/sft.json").read_text())
@@ -188,6 +194,7 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
         built |= {"beta": written["beta"], "loss_type": written["dpo"]["loss_type"]}
     ran = {k: v.value if isinstance(v, Enum) else v for k, v in ((k, getattr(saved, k)) for k in built)}
     assert ran == built
+    after_training(proj, params, want_template=None if params.train.prompt_format == "plain" else template)
     if params.dpo.enabled:
         dpo = json.loads((proj / "metrics/dpo.json").read_text())
         assert dpo["steps"] == 2 and dpo["reference"] == "base" and dpo["loss_type"] == params.dpo.loss_type
@@ -199,3 +206,29 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
         assert split["rows"]["test"] == 0 and split["rows"]["val"] > 0
     if "tensorboard" in params.train.report_to:  # the real TensorBoard writer, event files on disk
         assert list(proj.glob("**/events.out.tfevents.*")), "no TensorBoard events"
+
+
+def after_training(proj: Path, params, want_template: str | None) -> None:
+    """score@{base,sft,final}, evaluate, merge and one `qatune ask`, with the commands dvc.yaml runs."""
+    for name, adapter, generate in [("base", "models/base", True), ("sft", "models/sft", False)] + [
+        ("final", "models/dpo", True)
+    ]:
+        cmd = ["stages/score.py", "--model", "models/base", "--adapter", adapter, "--name", name]
+        cmd += ["--data", "data/split", "--out", f"data/scores/{name}.json"] + (
+            ["--generate"] if generate else []
+        )
+        run([sys.executable, *cmd], proj)
+    final = json.loads((proj / "data/scores/final.json").read_text())
+    scored = final["sets"]["test"]  # the held-out set, whichever split (evaluate.split) it came from
+    answers = scored["answers"]
+    assert len(answers) == min(4, len(scored["rows"])) > 0 and all(isinstance(a, str) for a in answers)
+    run([sys.executable, "stages/evaluate.py", "--judge-cache", "data/judge/cache.jsonl"], proj)
+    evaluated = json.loads((proj / "metrics/evaluate.json").read_text())
+    assert evaluated["verdict"] and (proj / "metrics/report.md").read_text().startswith("#")
+    run([sys.executable, "stages/merge.py"], proj)
+    merged = AutoTokenizer.from_pretrained(proj / "models/merged").chat_template
+    assert (merged == want_template) if want_template else is_plain(merged)
+    asked = run(
+        [str(Path(sys.executable).parent / "qatune"), "ask", "--max-new-tokens", "6", "How much water?"], proj
+    )
+    assert asked.stdout.strip(), asked.stderr

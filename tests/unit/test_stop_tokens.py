@@ -151,9 +151,22 @@ def test_the_modelfile_lists_every_stop_text(name):
     tok = family_tokenizer(name)
     template = export.ollama_template(tok, {}, has_system=False)
     stops = stop_tokens(tok, GenerationConfig(eos_token_id=tok.eos_token_id))
-    text = export.modelfile("model-q8_0.gguf", template, stops.texts, None, GenerateParams())
+    text = export.modelfile("model-q8_0.gguf", template, stops, None, GenerateParams())
     listed = [line for line in text.splitlines() if line.startswith("PARAMETER stop ")]
     assert listed == [f'PARAMETER stop "{stop}"' for stop in CASES[name][3]]
+
+
+def test_a_plain_format_modelfile_also_stops_at_the_next_user_line():
+    """Seed 001's plain text has no end-of-turn token: a model that goes on writes the next "User:" line, which
+    the transformers and llama.cpp paths cut (stop strings), and Ollama must too. Ollama's parser takes a quoted
+    value's characters as they are, the newline included, as its own `quote()` writes such a stop."""
+    tok = use_prompt_format(family_tokenizer("qwen2.5"), "plain")  # seed 001
+    stops = stop_tokens(tok, GenerationConfig(eos_token_id=tok.eos_token_id))
+    assert stops.strings == ("\nUser:",)
+    template = export.ollama_template(tok, {}, has_system=False)
+    text = export.modelfile("model-q8_0.gguf", template, stops, None, GenerateParams())
+    assert 'PARAMETER stop "\nUser:"\n' in text
+    assert f'PARAMETER stop "{tok.eos_token}"' in text
 
 
 # --------------------------------------------------------------------------- llama.cpp (generate.mode: gguf)
