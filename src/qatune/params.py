@@ -2,6 +2,11 @@
 
 Every stage calls `load_params()` and reads only its own block(s); dvc.yaml lists exactly those
 keys so that `dvc exp run -S KEY=VALUE` reruns only the stages KEY touches.
+
+A field's default is the embedded default recipe's value (src/qatune/default_params.yaml), so a params
+file that leaves a key out means what the default recipe says; tests/unit/test_params.py holds the two
+equal. A value that is the recipe's data rather than a default (the system prompt, the Hub repos, the
+domain) has no default here: every params file states it.
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ class TrainParams(Strict):
     )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = True
     checkpoint_layers: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
         1.0,
         description="with activation_checkpointing: the share of decoder layers recomputed in the backward "
@@ -122,7 +127,9 @@ class TrainParams(Strict):
     trust_remote_code: bool = Field(
         False, description="run model code from the Hub when loading the base; off unless a profile needs it"
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        description="the system message of every training row, score and chat; null = none. Domain text: no default"
+    )
     prompt_format: Literal["chat", "plain"] = Field(
         "chat",
         description="chat: the model's chat template, the loss on the answers; plain: seed 001's "
@@ -155,34 +162,54 @@ class TrainParams(Strict):
         return self
 
 
+# The keys whose default recipe differs between the sft and dpo blocks: declared once with their checks,
+# given each block's own default in SFTParams and DPOParams.
+MaxSteps = Annotated[int, Field(description="optimizer steps; -1 = run `epochs`")]
+WarmupRatio = Annotated[float, Field(ge=0, lt=1)]
+WeightDecay = Annotated[float, Field(ge=0)]
+EvalRows = Annotated[
+    int, Field(ge=0, description="rows of val (and test) evaluated during training; 0 = all")
+]
+EvalBatchSize = Annotated[
+    int | None, Field(ge=1, description="sequences per device per evaluation pass; null = batch_size")
+]
+
+
 class OptimParams(Strict):
+    """The keys the sft and dpo blocks share, with the defaults the two have in common."""
+
     learning_rate: float = Field(gt=0)
     epochs: float = Field(gt=0)
-    max_steps: int = Field(-1, description="optimizer steps; -1 = run `epochs`")
+    max_steps: MaxSteps
     batch_size: int = Field(ge=1, description="sequences per device per forward pass")
     grad_accum: int = Field(ge=1)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_ratio: WarmupRatio
     warmup_steps: int = Field(0, ge=0, description="overrides warmup_ratio when > 0")
-    scheduler: str = "linear"
-    weight_decay: float = Field(0.0, ge=0)
-    optim: str = "adamw_torch"
+    scheduler: str
+    weight_decay: WeightDecay
+    optim: str = "adamw_torch_fused"
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(ge=16, description="tokens per sequence")
-    logging_steps: int = Field(10, ge=1)
+    logging_steps: int = Field(5, ge=1)
     eval_steps: int = Field(ge=1)
     save_steps: int = Field(ge=1)
     save_total_limit: int | None = Field(2, ge=1, description="checkpoints kept; null = all")
-    load_best_model_at_end: bool = True
+    load_best_model_at_end: bool
     early_stopping_patience: int = Field(0, ge=0, description="evaluations without improvement; 0 = off")
-    eval_rows: int = Field(0, ge=0, description="rows of val (and test) evaluated during training; 0 = all")
-    eval_batch_size: int | None = Field(
-        None, ge=1, description="sequences per device per evaluation pass; null = batch_size"
-    )
+    eval_rows: EvalRows
+    eval_batch_size: EvalBatchSize
 
 
 class SFTParams(OptimParams):
+    max_steps: MaxSteps = 30
+    warmup_ratio: WarmupRatio = 0.05
+    scheduler: str = "cosine"
+    weight_decay: WeightDecay = 0.0
+    load_best_model_at_end: bool = True
+    eval_rows: EvalRows = 32
+    eval_batch_size: EvalBatchSize = None
     enabled: bool = Field(
-        True, description="false: no SFT run; the preference stage starts from the base (reference = base)"
+        False, description="false: no SFT run; the preference stage starts from the base (reference = base)"
     )
     train_turns: Literal["all", "last"] = Field(
         "all", description="multi-turn rows: learn every assistant turn, or the last answer only"
@@ -191,7 +218,7 @@ class SFTParams(OptimParams):
     padding_free: bool = False
     group_by_length: bool = True
     focus_rows: int = Field(
-        0,
+        120,
         ge=0,
         description="with max_steps: the run's rows start with this many that teach safety and correctness "
         "(harmful requests answered with a refusal, key-fact answers; qatune.focus.focus_first), the rest "
@@ -211,13 +238,20 @@ KTO_LOSSES = ("kto", "apo_zero_unpaired")
 
 
 class DPOParams(OptimParams):
+    max_steps: MaxSteps = 12
+    warmup_ratio: WarmupRatio = 0.1
+    scheduler: str = "linear"
+    weight_decay: WeightDecay = 0.01
+    load_best_model_at_end: bool = False
+    eval_rows: EvalRows = 16
+    eval_batch_size: EvalBatchSize = 8
     enabled: bool = True
     method: Literal["dpo", "kto"] = Field(
         "dpo",
         description="dpo: chosen/rejected pairs (DPOTrainer); kto: unpaired good/bad answers (KTOTrainer)",
     )
     loss_type: list[str] = Field(
-        default_factory=lambda: ["sigmoid"],
+        default_factory=lambda: ["sigmoid", "sft"],
         description="dpo: TRL DPO losses, combined with loss_weights; kto: one of kto, apo_zero_unpaired",
     )
     loss_weights: list[float] | None = Field(None, description="one weight per loss_type; null = 1.0 each")
@@ -225,7 +259,7 @@ class DPOParams(OptimParams):
     undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad answers' loss")
     precompute_ref_log_probs: bool = True
     precompute_ref_batch_size: int | None = Field(
-        None, ge=1, description="pairs per no-grad reference pass when precomputing; null = batch_size"
+        8, ge=1, description="pairs per no-grad reference pass when precomputing; null = batch_size"
     )
     on_policy_pairs: bool = Field(False, description="rows without `rejected` get the SFT model's own answer")
     on_policy_max_new_tokens: int = Field(128, ge=1)
@@ -233,14 +267,14 @@ class DPOParams(OptimParams):
         8, ge=1, description="answers per greedy generation batch for the on-policy pairs (no gradients)"
     )
     focus_pairs: int = Field(
-        0,
+        64,
         ge=0,
         description="this many pairs that teach safety and correctness train first (qatune.focus.focus_first): "
         "harmful requests (a refusal over a yes) and key-fact rows whose rejected answer gives a wrong number, "
         "alternating; a run capped by max_steps sees them. 0 = the split's shuffled order",
     )
     on_policy_harm_rows: int = Field(
-        0,
+        24,
         ge=0,
         description="harmful-request train rows (expected: decline) the SFT model answers before DPO; each answer "
         "that affirms or evades (qatune.stance) becomes an extra pair, rejected = that answer, trained first",
@@ -348,15 +382,15 @@ class EvaluateParams(Strict):
     split: Literal["test", "val"] = Field(
         "test", description="the held-out split scored; val only where there is no test split (seed 004)"
     )
-    rows: int = Field(0, ge=0, description="test rows scored for NLL and preference accuracy; 0 = all")
+    rows: int = Field(64, ge=0, description="test rows scored for NLL and preference accuracy; 0 = all")
     generate_rows: int = Field(0, ge=0, description="test questions answered by base and final; 0 = all")
-    batch_size: int = Field(16, ge=1, description="sequences per forward pass / generation batch")
+    batch_size: int = Field(32, ge=1, description="sequences per forward pass / generation batch")
     score_precision: Literal["auto", "fp32"] = Field(
-        "fp32",
+        "auto",
         description="likelihoods in float32, or auto: bf16 where the hardware is fast at it (all models alike)",
     )
-    max_new_tokens: int = Field(192, ge=1, description="greedy generation budget per answer")
-    repetition_penalty: float = Field(1.0, ge=1.0, description="1.0 = off")
+    max_new_tokens: int = Field(160, ge=1, description="greedy generation budget per answer")
+    repetition_penalty: float = Field(1.1, ge=1.0, description="1.0 = off")
     semantic_model: Literal["bundled:all-minilm-l6-v2"] | None = Field(
         "bundled:all-minilm-l6-v2",
         description="sentence embedding model for semantic similarity; null = skip",
@@ -427,7 +461,6 @@ class HubParams(Strict):
     adapter_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     merged_repo: str = Field(pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
     gguf_repo: str | None = Field(
-        None,
         pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
         description="third repo: the export stage's GGUF files and Modelfile; null = no GGUF release",
     )

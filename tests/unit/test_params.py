@@ -1,13 +1,16 @@
 """params.yaml is typed: the real file validates, unknown keys fail with the key's name."""
 
 import copy
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from qatune.errors import QatuneError
-from qatune.params import PARAMS_FILE, load_params, parse_params
+from qatune.params import PARAMS_FILE, Params, load_params, parse_params
+from qatune.profiles import DEFAULTS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 RAW = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -202,3 +205,72 @@ def test_kto_batches_of_one_pass_where_nothing_needs_a_batch_mate():
     assert parse_params(data).dpo.batch_size == 1  # no KL term estimated from the batch
     data["dpo"].update(loss_type=["kto"], enabled=False)  # a block that trains nothing is not held to it
     assert not parse_params(data).dpo.enabled
+
+
+# Fields whose default recipe value is not the model's default, each with the reason. A key the recipe states
+# as data (the system prompt, the Hub repos, the domain) has no default at all and needs no entry here.
+NOT_A_DEFAULT = {
+    "fetch.sources.*.path": "the bundled source's own file; a source's location depends on its type (a hub "
+    "source has a dataset and no path), so no value suits every source",
+}
+
+
+def _model_of(annotation):
+    """The params model inside a field's type (`X`, `X | None`), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_of, typing.get_args(annotation))), None)
+
+
+def _walk(model, node, key=""):
+    """(dotted key, field, recipe value) for every key of a recipe mapping, in nested blocks and in the rows
+    of a list of params models (fetch.sources: `fetch.sources.*.name`); a block or row itself is not listed."""
+    unknown = [name for name in node if name not in model.model_fields]
+    assert not unknown, f"{key or 'top level'}: keys without a model field: {unknown}"
+    for name, value in node.items():
+        field, dotted = model.model_fields[name], f"{key}{name}"
+        rows = typing.get_args(field.annotation)[:1] if typing.get_origin(field.annotation) is list else ()
+        if isinstance(value, dict) and _model_of(field.annotation):
+            yield from _walk(_model_of(field.annotation), value, dotted + ".")
+        elif isinstance(value, list) and rows and _model_of(rows[0]):
+            for row in value:
+                yield from _walk(_model_of(rows[0]), row, dotted + ".*.")
+        else:
+            yield dotted, field, value
+
+
+def test_every_model_default_is_the_default_recipes_value():
+    """One truth for defaults: a params file (or a test or script) that leaves a key out gets the value the
+    default recipe states for it, never another value written in the code."""
+    recipe = yaml.safe_load(DEFAULTS_FILE.read_text(encoding="utf-8"))
+    leaves = list(_walk(Params, recipe))
+    assert len(leaves) > 150  # the walk reached the nested blocks and the sources
+    differ = {}
+    for key, field, value in leaves:
+        if field.is_required():
+            continue  # the recipe's own data: no default to disagree with
+        default = field.get_default(call_default_factory=True)
+        if default != value or isinstance(default, bool) is not isinstance(value, bool):
+            differ[key] = (default, value)
+    stale = sorted(set(NOT_A_DEFAULT) - set(differ))
+    assert not stale, f"NOT_A_DEFAULT lists keys whose default now equals the recipe: {stale}"
+    wrong = [f"{key}: {d!r} != {v!r}" for key, (d, v) in differ.items() if key not in NOT_A_DEFAULT]
+    assert not wrong, "model default != default recipe: " + "; ".join(wrong)
+
+
+def test_a_params_file_without_the_defaulted_keys_means_the_default_recipe():
+    """The recipe with every key that has a default left out parses to the same params as the full recipe."""
+    recipe = yaml.safe_load(DEFAULTS_FILE.read_text(encoding="utf-8"))
+    short = copy.deepcopy(recipe)
+    for key, field, _ in _walk(Params, recipe):
+        if field.is_required() or key in NOT_A_DEFAULT:
+            continue
+        *path, name = key.split(".")
+        nodes = [short]
+        for part in path:
+            nodes = [row for node in nodes for row in node] if part == "*" else [node[part] for node in nodes]
+        for node in nodes:
+            del node[name]
+    assert len(yaml.safe_dump(short)) < len(yaml.safe_dump(recipe)) / 2  # most keys have a default
+    assert "score_precision" not in short["evaluate"] and "system_prompt" in short["train"]
+    assert parse_params(short) == parse_params(recipe)
