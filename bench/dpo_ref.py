@@ -65,7 +65,7 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     )
     config.disable_tqdm = True
     start, cpu0 = time.perf_counter(), time.process_time()
-    with lm_head.in_trl_trainers(hw["lm_head"]):  # as stages/dpo.py: the precompute pass uses it too
+    with lm_head.in_trl_trainers(hw.lm_head):  # as stages/dpo.py: the precompute pass uses it too
         trainer = DPOTrainer(
             model=model, ref_model=None, args=config, train_dataset=dataset, processing_class=tok
         )
@@ -76,8 +76,8 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     logged = [e for e in trainer.state.log_history if "loss" in e]
     return {
         "arm": arm,
-        "precision": hw["precision"],
-        "lm_head": hw["lm_head"],
+        "precision": hw.precision,
+        "lm_head": hw.lm_head,
         "activation_checkpointing": train.activation_checkpointing,
         "pairs": len(rows),
         "epochs": epochs,

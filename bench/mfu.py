@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     if params.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if hw["lm_head"] == "qatune":
+    if hw.lm_head == "qatune":
         lm_head.install(model.get_base_model())
     else:
         from trl.trainer.utils import add_fused_lm_head
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         "peak_gflops": peak,
         "model_params": n_params,
         "head_params": n_head,
-        "lm_head": hw["lm_head"],
+        "lm_head": hw.lm_head,
         "activation_checkpointing": params.train.activation_checkpointing,
         "batch": {
             "rows": args.batch_size,

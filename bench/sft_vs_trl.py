@@ -137,8 +137,8 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
             else "random",
         )
         peft_config = modeling.lora_config(train)
-        precision = hw["precision"]
-        head = hw["lm_head"]
+        precision = hw.precision
+        head = hw.lm_head
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,7 +185,7 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
         "arm": arm,
         "precision": precision,
         "activation_checkpointing": bool(getattr(config, compat.checkpointing_key(compat.training_fields()))),
-        "checkpoint_layers": hw["checkpoint_layers"] if arm.startswith("qatune") else 1.0,
+        "checkpoint_layers": hw.checkpoint_layers if arm.startswith("qatune") else 1.0,
         "lm_head": head,
         "sampling": getattr(config, "train_sampling_strategy", "random"),
         "loss_mode": loss_mode,

@@ -158,13 +158,13 @@ def training_examples(
     return examples, on_policy
 
 
-def policy(model, sft: str, params, hw: dict):
+def policy(model, sft: str, params, hw: hardware.Hardware):
     """(the model DPO trains, the peft_config TRL gets): the trainable SFT adapter and none, so TRL keeps a
     frozen copy of the adapter as the reference and the final adapter stays relative to the original base;
     without SFT (seed 000) a new adapter, whose reference is the base."""
     if params.sft.enabled:
-        return modeling.load_trainable_adapter(model, sft, params.train, hw["backend"]), None
-    if hw["backend"] == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
+        return modeling.load_trainable_adapter(model, sft, params.train, hw.backend), None
+    if hw.backend == "unsloth":  # a new adapter (B = 0): TRL's copy of it as reference IS the base
         return modeling.unsloth_peft(model, params.train, params.seed), None
     # TRL wraps the base in a new adapter and scores the reference with the adapter disabled
     return model, modeling.lora_config(params.train)
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     hw = hardware.resolve(train)
     arch = plan.load_arch(args.model)  # its peak memory on this machine, or a one-line stop before loading
     memory = plan.training("dpo", arch, train, cfg, plan.machine(hw), params.sft.enabled).require()
-    if cfg.method == "kto" and (blocker := compat.installed_kto_blocker(hw["cuda"])):
+    if cfg.method == "kto" and (blocker := compat.installed_kto_blocker(hw.cuda)):
         raise QatuneError(f"{args.params}: dpo.method kto: {blocker}")
-    modeling.import_backend(hw["backend"])
+    modeling.import_backend(hw.backend)
     from datasets import Dataset
     from trl import DPOTrainer, KTOTrainer
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     config = preference_config(cfg, common)
     Trainer = KTOTrainer if cfg.method == "kto" else DPOTrainer
-    with lm_head.in_trl_trainers(hw["lm_head"]):
+    with lm_head.in_trl_trainers(hw.lm_head):
         trainer = Trainer(
             model=model,
             ref_model=None,
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": training.eval_summary(run.after),
     }
     record = {"stage": "dpo", **inputs.record(), "sft_adapter": args.sft if params.sft.enabled else None}
-    record["quantization"] = modeling.quantization_record(model, train, hw["backend"])
+    record["quantization"] = modeling.quantization_record(model, train, hw.backend)
     training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)
     print(
         f"dpo: train loss {metrics['train_loss']}, val margins {metrics['eval_before'].get('rewards/margins')} "

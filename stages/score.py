@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from qatune import hardware, modeling, plan, scoring
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         arch, hw, params.evaluate.score_precision, batch_size, params.clean.max_length, lora, answers
     ).require()
     device, dtype, batch_size = memory.device, memory.dtype, memory.batch  # a smaller batch only on a GPU
-    hw = {**hw, "cuda": device == "cuda"}  # a CPU fallback scores and answers by the CPU's rules
+    hw = replace(hw, cuda=device == "cuda")  # a CPU fallback scores and answers by the CPU's rules
     model, tokenizer = modeling.load_with_adapters(
         args.model, adapters, dtype, device, params.train.trust_remote_code
     )

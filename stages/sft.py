@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     hw = hardware.resolve(train)
     arch = plan.load_arch(args.model)  # its peak memory on this machine, or a one-line stop before loading
     memory = plan.training("sft", arch, train, cfg, plan.machine(hw)).require()
-    modeling.import_backend(hw["backend"])
+    modeling.import_backend(hw.backend)
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         assistant_only_loss="messages" in sets["train"].column_names,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
     )
-    if hw["backend"] == "unsloth":
+    if hw.backend == "unsloth":
         model, peft_config = modeling.unsloth_peft(model, train, params.seed), None
     else:
         peft_config = modeling.lora_config(train)
-    with lm_head.in_trl_trainers(hw["lm_head"]):
+    with lm_head.in_trl_trainers(hw.lm_head):
         trainer = SFTTrainer(
             model=model,
             args=config,
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": training.eval_summary(run.after, perplexity=True),
     }
     record = {"stage": "sft", **inputs.record()}
-    record["quantization"] = modeling.quantization_record(model, train, hw["backend"])
+    record["quantization"] = modeling.quantization_record(model, train, hw.backend)
     training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)
     print(
         f"sft: train loss {metrics['train_loss']}, val loss {metrics['eval_before']['loss']:.4f} -> "

@@ -31,14 +31,18 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qatune import inference
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_jsonl
 from qatune.params import Params, load_params
 
+if TYPE_CHECKING:
+    from qatune.hardware import Hardware
 
-def params_run(arch, hw: dict, params: Params) -> list:
+
+def params_run(arch, hw: Hardware, params: Params) -> list:
     """qatune.plan.whole_run for a resolved Params: the blocks each model-loading stage reads."""
     from qatune import plan
 
@@ -188,8 +192,8 @@ def show_plan(args: argparse.Namespace) -> None:
     machines = [(f"{gb:g} GB GPU", plan.card(gb)) for gb in args.gpu_gb]
     if not machines:
         hw = plan.machine(hardware.probe())
-        gpu = f"{hw['gpu_gb']:.0f} GB GPU" if hw["gpu_gb"] else "no GPU"
-        machines = [(f"{hw['device']}, {gpu}, {hw['ram_gb']:.0f} GB RAM", hw)]
+        gpu = f"{hw.gpu_gb:.0f} GB GPU" if hw.gpu_gb else "no GPU"
+        machines = [(f"{hw.device}, {gpu}, {hw.ram_gb:.0f} GB RAM", hw)]
     rows = []
     for name, params in runs:
         arch = plan.load_arch(args.model, params.base_model.source)

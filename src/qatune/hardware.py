@@ -1,6 +1,7 @@
 """What this machine can do and the choices made from it: device, precision, training backend, the
 fused LM head, and the dtype models load in. The choices are small pure functions (unit-tested as tables);
-`probe()` reads the machine and `resolve()` applies the choices to the `train` params block.
+`probe()` reads the machine and `resolve()` applies the choices to the `train` params block; both give a
+`Hardware`.
 
 CUDA-only paths (Unsloth, 4-bit and 8-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
 """
@@ -9,10 +10,32 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from qatune.errors import QatuneError
+
+CPUINFO = Path("/proc/cpuinfo")  # where cpu_has_bf16 reads the CPU's flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hardware:
+    """A machine (probe(), or one only described: qatune.plan.card()) and, once resolve() has applied the
+    `train` block to it, the training choices made for it. Fields left out: a CPU without fast bf16, nothing
+    chosen."""
+
+    cuda: bool = False  # a CUDA GPU is visible to torch (for a described machine: it has one)
+    cuda_bf16: bool = False  # that GPU has bf16 in hardware, compute capability 8.0 or newer (cuda_has_bf16)
+    cpu_bf16: bool = False  # the CPU has AVX512-BF16 or AMX, so bf16 is fast on it (cpu_has_bf16)
+    device: str = ""  # the GPU's name (torch.cuda.get_device_name) or "cpu"; "" where only described
+    threads: int | None = None  # torch's intra-op threads (torch.get_num_threads); None where only described
+    backend: str | None = None  # the training backend, "transformers" or "unsloth"; None until resolved
+    precision: str | None = None  # the training precision, "fp32", "bf16" or "fp16"; None until resolved
+    lm_head: str | None = None  # the fused LM head that trains, "qatune" or "trl"; None until resolved
+    checkpoint_layers: float | None = None  # share of decoder layers checkpointed; None until resolved
+    gpu_gb: float | None = None  # GPU memory in GB (qatune.plan.machine); None: no GPU, or no limit known
+    ram_gb: float | None = None  # RAM in GB (qatune.plan.machine); None: no limit known
+    unsloth: bool | None = None  # whether the unsloth backend may be chosen; None: look for it when choosing
 
 
 def select_backend(requested: str, cuda_available: bool, unsloth_importable: bool) -> str:
@@ -104,19 +127,19 @@ def select_device(requested: str, cuda_available: bool) -> str:
 PURPOSES = ("score", "merge", "generate", "serve")
 
 
-def placement(purpose: str, hw: dict[str, Any], work: str = "float32", fits_gpu=True) -> tuple[str, str]:
+def placement(purpose: str, hw: Hardware, work: str = "float32", fits_gpu=True) -> tuple[str, str]:
     """(device, dtype name) for a model loaded for `purpose` on the machine `hw` (probe()). Score and merge
     take the dtype they work in (`work`) and whether qatune.plan found that it fits the GPU."""
     if purpose not in PURPOSES:
         raise ValueError(f"unknown purpose {purpose!r} (one of {PURPOSES})")
     if purpose in ("score", "merge"):
-        return ("cuda", work) if hw["cuda"] and fits_gpu else ("cpu", "float32")
-    if hw["cuda"]:
-        return "cuda", "bfloat16" if hw["cuda_bf16"] else "float16"
-    return "cpu", "bfloat16" if purpose == "generate" and hw["cpu_bf16"] else "float32"
+        return ("cuda", work) if hw.cuda and fits_gpu else ("cpu", "float32")
+    if hw.cuda:
+        return "cuda", "bfloat16" if hw.cuda_bf16 else "float16"
+    return "cpu", "bfloat16" if purpose == "generate" and hw.cpu_bf16 else "float32"
 
 
-def score_dtype(requested: str, hw: dict[str, Any]) -> str:
+def score_dtype(requested: str, hw: Hardware) -> str:
     """The dtype the score stage computes likelihoods in (`evaluate.score_precision`): float32, or for
     `auto` bfloat16 where the device is fast at it (a bf16 GPU, an AVX512-BF16/AMX CPU). Never fp16: its
     range is too narrow for summed log-probabilities. The model loads and merges its adapter in float32
@@ -125,7 +148,7 @@ def score_dtype(requested: str, hw: dict[str, Any]) -> str:
         return "float32"
     if requested != "auto":
         raise QatuneError(f"evaluate.score_precision: unknown value '{requested}' (auto, fp32)")
-    fast = hw["cuda_bf16"] if hw["cuda"] else hw["cpu_bf16"]
+    fast = hw.cuda_bf16 if hw.cuda else hw.cpu_bf16
     return "bfloat16" if fast else "float32"
 
 
@@ -138,7 +161,7 @@ def training_dtype(precision: str) -> str:
 def cpu_has_bf16() -> bool:
     """AVX-512 BF16 or AMX: bf16 autocast is fast; without it, it is slower than fp32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = CPUINFO.read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -155,18 +178,18 @@ def cuda_has_bf16(capability: tuple[int, int]) -> bool:
     return capability >= (8, 0)
 
 
-def probe() -> dict[str, Any]:
+def probe() -> Hardware:
     """What this machine has: CUDA (and bf16 on it), bf16 on the CPU, the device name, torch threads."""
     import torch
 
     cuda = torch.cuda.is_available()
-    return {
-        "cuda": cuda,
-        "cuda_bf16": bool(cuda and cuda_has_bf16(tuple(torch.cuda.get_device_capability(0)))),
-        "cpu_bf16": cpu_has_bf16(),
-        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "threads": torch.get_num_threads(),
-    }
+    return Hardware(
+        cuda=cuda,
+        cuda_bf16=bool(cuda and cuda_has_bf16(tuple(torch.cuda.get_device_capability(0)))),
+        cpu_bf16=cpu_has_bf16(),
+        device=torch.cuda.get_device_name(0) if cuda else "cpu",
+        threads=torch.get_num_threads(),
+    )
 
 
 # train.checkpoint_layers: auto on a CPU training in bf16. Measured in the sft stage (30 steps, 2-core
@@ -231,18 +254,18 @@ def pin_one_gpu(num_processes: int) -> None:
         )
 
 
-def resolve(train) -> dict[str, Any]:
+def resolve(train) -> Hardware:
     """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
     checkpointed layers. A single process is pinned to one GPU first, before anything starts CUDA."""
     pin_one_gpu(train.num_processes)
     hw = probe()
-    check_cuda_required(train.require_cuda, hw["cuda"])
-    check_quantization(train.load_in_4bit, hw["cuda"], train.load_in_8bit)
-    backend = select_backend(train.backend, hw["cuda"], unsloth_importable() if hw["cuda"] else False)
-    precision = select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
-    head = select_lm_head(train.lm_head, hw["cuda"], backend)
-    share = select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
-    return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}
+    check_cuda_required(train.require_cuda, hw.cuda)
+    check_quantization(train.load_in_4bit, hw.cuda, train.load_in_8bit)
+    backend = select_backend(train.backend, hw.cuda, unsloth_importable() if hw.cuda else False)
+    precision = select_precision(train.precision, hw.cuda, hw.cuda_bf16, hw.cpu_bf16)
+    head = select_lm_head(train.lm_head, hw.cuda, backend)
+    share = select_checkpoint_layers(train.checkpoint_layers, precision, hw.cuda)
+    return replace(hw, backend=backend, precision=precision, lm_head=head, checkpoint_layers=share)
 
 
 def fsdp_launched() -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +233,8 @@ def load_model(
     if mode == "gguf":
         return load_gguf(Path(model_dir))
     hw = hardware.probe()
-    device = hardware.select_device(device, hw["cuda"])
-    device, auto = hardware.placement("serve", {**hw, "cuda": device == "cuda"})
+    device = hardware.select_device(device, hw.cuda)
+    device, auto = hardware.placement("serve", replace(hw, cuda=device == "cuda"))
     dtype = serve_dtype(dtype, device, auto)
     adapters = [("default", adapter_dir)] if mode == "adapter" else []
     model, tokenizer = modeling.load_with_adapters(model_dir, adapters, dtype, device, trust_remote_code)

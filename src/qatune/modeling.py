@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qatune.chat import use_prompt_format
-from qatune.hardware import fsdp_launched, training_dtype
+from qatune.hardware import Hardware, fsdp_launched, training_dtype
 
 UNSLOTH_COMPILE_LOCATION = ".cache/unsloth_compiled_cache"
 
@@ -44,10 +44,10 @@ def lora_config(train):
     )
 
 
-def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
+def load_base(model_dir: str, train, hw: Hardware, max_length: int):
     """(model, tokenizer) for training on the resolved backend (qatune.hardware.resolve). The tokenizer
     renders `train.prompt_format`: the model's chat template, or seed 001's plain User:/Assistant: text."""
-    if hw["backend"] == "unsloth":  # CUDA only: imported here and nowhere else
+    if hw.backend == "unsloth":  # CUDA only: imported here and nowhere else
         from unsloth import FastLanguageModel
 
         # No device_map: under torchrun Unsloth 2026.10.7 puts each rank on its own GPU itself, 16-bit and
@@ -69,14 +69,14 @@ def load_base(model_dir: str, train, hw: dict[str, Any], max_length: int):
     quantised = train.load_in_4bit or train.load_in_8bit  # hardware.check_quantization has required CUDA
     kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": train.trust_remote_code}
     if quantised:
-        kwargs["quantization_config"] = quantization_config(train, hw["precision"], fsdp_launched())
+        kwargs["quantization_config"] = quantization_config(train, hw.precision, fsdp_launched())
     # Straight onto this process's GPU, in the dtype of the mixed precision; under FSDP a 16-bit base loads
     # on the CPU (rank 0's weights only) and FSDP moves each rank's shard to its GPU (params refuse 8-bit
     # under FSDP).
-    if hw["cuda"] and not (fsdp_launched() and not quantised):
+    if hw.cuda and not (fsdp_launched() and not quantised):
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    if hw["cuda"]:
-        kwargs.setdefault("dtype", getattr(torch, training_dtype(hw["precision"])))
+    if hw.cuda:
+        kwargs.setdefault("dtype", getattr(torch, training_dtype(hw.precision)))
     else:
         kwargs["dtype"] = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)

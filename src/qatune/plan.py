@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from qatune import hardware
 from qatune.errors import QatuneError
+from qatune.hardware import Hardware
 from qatune.provenance import BASE_RECORD
 
 GB = 1e9
@@ -244,18 +245,18 @@ def _gb(n: float) -> float:
     return round(n / GB, 3)
 
 
-def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: bool = False) -> StagePlan:
+def training(stage: str, a: Arch, train, cfg, hw: Hardware, ref_adapter: bool = False) -> StagePlan:
     """sft or dpo (cfg: its params block) on the resolved machine `hw` (hardware.resolve plus gpu_gb and
     ram_gb). DPO puts chosen and rejected in one forward pass (twice the batch); its reference is the policy
     with the adapter off, or log-probs precomputed before training, so it costs no weights, only, when DPO
     continues an SFT adapter, TRL's frozen `ref` copy of that adapter (ref_adapter)."""
-    cuda, half = hw["cuda"], hw["precision"] in ("bf16", "fp16")
+    cuda, half = hw.cuda, hw.precision in ("bf16", "fp16")
     n = parameters(a)
     if train.load_in_4bit or train.load_in_8bit:  # peft upcasts what is not quantised to float32
         q = linear_parameters(a)
         per = NF4_DOUBLE_QUANT_BYTES if train.bnb_4bit_use_double_quant else NF4_BYTES
         per = per if train.load_in_4bit else INT8_BYTES
-        weights = q * per + (n - q) * (2 if hw["backend"] == "unsloth" else 4)
+        weights = q * per + (n - q) * (2 if hw.backend == "unsloth" else 4)
     else:
         weights = n * (2 if cuda and half else 4)  # hardware.training_dtype: CPU weights stay float32
     lora = lora_parameters(a, train.lora.r, train.lora.target_modules)
@@ -267,11 +268,11 @@ def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: b
     act = 2 if cuda and half else 4  # autocast on a CPU leaves the norms and residuals in float32
     full = tokens * _train_act_per_token(a) * act
     if train.activation_checkpointing:
-        kept = round(a.layers * hw["checkpoint_layers"])
+        kept = round(a.layers * hw.checkpoint_layers)
         activations = kept * tokens * a.hidden * act + (a.layers - kept) * full + full  # + one recomputed
     else:
         activations = a.layers * full
-    rows, words = HEAD_TILES[hw["lm_head"]]
+    rows, words = HEAD_TILES[hw.lm_head]
     head = min(tokens, rows) * min(a.vocab, words or a.vocab) * 4 * 2 + tokens * a.hidden * 4
     parts = {
         "weights": _gb(weights / shards),
@@ -280,8 +281,8 @@ def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: b
         "lm head": _gb(head),
         "runtime": _runtime(cuda),
     }
-    device, have = ("cuda", hw["gpu_gb"]) if cuda else ("cpu", hw["ram_gb"])
-    dtype = hardware.training_dtype(hw["precision"]) if cuda else "float32"
+    device, have = ("cuda", hw.gpu_gb) if cuda else ("cpu", hw.ram_gb)
+    dtype = hardware.training_dtype(hw.precision) if cuda else "float32"
     dtype = "nf4" if train.load_in_4bit else "int8" if train.load_in_8bit else dtype
     need = _total(parts)
     advice = f"lower {stage}.batch_size or {stage}.max_length, turn on train.activation_checkpointing" + (
@@ -290,7 +291,7 @@ def training(stage: str, a: Arch, train, cfg, hw: dict[str, Any], ref_adapter: b
     return StagePlan(stage, device if fits(need, have) else "", dtype, need, have, parts, advice)
 
 
-def _placed(purpose: str, hw: dict[str, Any], work: str, parts, advice: str, batch: int = 0) -> StagePlan:
+def _placed(purpose: str, hw: Hardware, work: str, parts, advice: str, batch: int = 0) -> StagePlan:
     """Score or merge where hardware.placement puts it: on the GPU in `work`, at the largest batch of batch,
     batch/2, ..., 1 that fits the card (score's rows are independent: the batch changes no number that
     matters), else on the CPU at the full batch; `parts(device, dtype, batch)` is the peak there. Marked as
@@ -298,7 +299,7 @@ def _placed(purpose: str, hw: dict[str, Any], work: str, parts, advice: str, bat
     batches = [batch >> i for i in range(batch.bit_length())] or [0]
     for fits_gpu in (True, False):
         device, dtype = hardware.placement(purpose, hw, work, fits_gpu)
-        have = hw.get("gpu_gb") if device == "cuda" else hw.get("ram_gb")
+        have = hw.gpu_gb if device == "cuda" else hw.ram_gb
         for b in batches if device == "cuda" else batches[:1]:
             need = parts(device, dtype, b)
             if fits(_total(need), have):
@@ -308,7 +309,7 @@ def _placed(purpose: str, hw: dict[str, Any], work: str, parts, advice: str, bat
 
 def score(
     a: Arch,
-    hw: dict[str, Any],
+    hw: Hardware,
     precision: str,
     batch_size: int,
     max_length: int,
@@ -321,7 +322,7 @@ def score(
     it loads in float32, merges the adapter, then casts, as it always has."""
 
     def parts(device: str, load: str, batch: int) -> dict[str, float]:
-        view = {**hw, "cuda": device == "cuda"}
+        view = replace(hw, cuda=device == "cuda")
         run = hardware.score_dtype(precision, view)
         answer = hardware.placement("generate", view)[1]
         kv = 0
@@ -340,7 +341,7 @@ def score(
     return _placed("score", hw, work, parts, advice, batch_size)
 
 
-def merge(a: Arch, hw: dict[str, Any], dtype: str, adapter_params: int, check_prompts: int) -> StagePlan:
+def merge(a: Arch, hw: Hardware, dtype: str, adapter_params: int, check_prompts: int) -> StagePlan:
     """The merge stage: the base in `dtype` (merge.dtype: the dtype it is saved in, so the GPU never holds a
     float32 copy of a 16-bit model), never 4-bit whatever the adapter trained on, the adapter merged in
     place, the reloaded copy only after the first is freed; the logits check holds the adapter model's and
@@ -359,7 +360,7 @@ def merge(a: Arch, hw: dict[str, Any], dtype: str, adapter_params: int, check_pr
     return _placed("merge", hw, dtype, parts, "merge on a machine with more RAM or set merge.dtype: bfloat16")
 
 
-def export(a: Arch, hw: dict[str, Any], check_prompts: int, new_tokens: int) -> StagePlan:
+def export(a: Arch, hw: Hardware, check_prompts: int, new_tokens: int) -> StagePlan:
     """The export stage's reference answers: the merged model in float32 on the CPU (stages/export.py)."""
     tokens = MERGE_CHECK_TOKENS + new_tokens  # one prompt at a time, its whole logits in float32 twice
 
@@ -368,7 +369,7 @@ def export(a: Arch, hw: dict[str, Any], check_prompts: int, new_tokens: int) -> 
         "activations": _gb(tokens * (_infer_act_per_token(a) * 4 + a.vocab * 8)),
         "runtime": RUNTIME_GB,
     }
-    need, have = _total(parts), hw.get("ram_gb")
+    need, have = _total(parts), hw.ram_gb
     ok = fits(need, have)
     return StagePlan(
         "export", "cpu" if ok else "", "float32", need, have, parts, "" if ok else "needs more RAM"
@@ -384,39 +385,32 @@ def device_memory() -> tuple[float | None, float | None]:
     return gpu, round(ram, 1)
 
 
-def machine(hw: dict[str, Any]) -> dict[str, Any]:
+def machine(hw: Hardware) -> Hardware:
     """hardware.probe()/resolve() plus this machine's GPU memory and RAM."""
     gpu, ram = device_memory()
-    return {**hw, "gpu_gb": gpu, "ram_gb": ram}
+    return replace(hw, gpu_gb=gpu, ram_gb=ram)
 
 
-def card(gpu_gb: float, bf16: bool = True, ram_gb: float | None = None) -> dict[str, Any]:
+def card(gpu_gb: float, bf16: bool = True, ram_gb: float | None = None) -> Hardware:
     """A machine with one CUDA card of gpu_gb GB (bf16 on Ampere and newer), to plan for. It trains on the
     transformers backend: under 4-bit, peft keeps embeddings and head in float32 where Unsloth keeps 16-bit,
     so the plan is the larger of the two."""
-    return {
-        "cuda": True,
-        "cuda_bf16": bf16,
-        "cpu_bf16": False,
-        "gpu_gb": gpu_gb,
-        "ram_gb": ram_gb,
-        "unsloth": False,
-    }
+    return Hardware(cuda=True, cuda_bf16=bf16, cpu_bf16=False, gpu_gb=gpu_gb, ram_gb=ram_gb, unsloth=False)
 
 
-def resolve_training(train, hw: dict[str, Any]) -> dict[str, Any]:
+def resolve_training(train, hw: Hardware) -> Hardware:
     """hardware.resolve()'s choices without torch, for a machine that is only described (card())."""
-    hardware.check_quantization(train.load_in_4bit, hw["cuda"], train.load_in_8bit)
-    unsloth = hw.get("unsloth", hw["cuda"] and hardware.unsloth_importable())
-    backend = hardware.select_backend(train.backend, hw["cuda"], unsloth)
-    precision = hardware.select_precision(train.precision, hw["cuda"], hw["cuda_bf16"], hw["cpu_bf16"])
-    head = hardware.select_lm_head(train.lm_head, hw["cuda"], backend)
-    share = hardware.select_checkpoint_layers(train.checkpoint_layers, precision, hw["cuda"])
-    return {**hw, "backend": backend, "precision": precision, "lm_head": head, "checkpoint_layers": share}
+    hardware.check_quantization(train.load_in_4bit, hw.cuda, train.load_in_8bit)
+    unsloth = hw.unsloth if hw.unsloth is not None else hw.cuda and hardware.unsloth_importable()
+    backend = hardware.select_backend(train.backend, hw.cuda, unsloth)
+    precision = hardware.select_precision(train.precision, hw.cuda, hw.cuda_bf16, hw.cpu_bf16)
+    head = hardware.select_lm_head(train.lm_head, hw.cuda, backend)
+    share = hardware.select_checkpoint_layers(train.checkpoint_layers, precision, hw.cuda)
+    return replace(hw, backend=backend, precision=precision, lm_head=head, checkpoint_layers=share)
 
 
 def whole_run(
-    a: Arch, hw: dict[str, Any], train, sft, dpo, clean, evaluate, merge_cfg, export_cfg
+    a: Arch, hw: Hardware, train, sft, dpo, clean, evaluate, merge_cfg, export_cfg
 ) -> list[StagePlan]:
     """Every model-loading stage of a run, in pipeline order, from the params blocks (`qatune plan`)."""
     plans = []

@@ -22,7 +22,7 @@ from typing import Any
 
 from qatune import compat, lm_head
 from qatune.errors import QatuneError
-from qatune.hardware import fsdp_launched
+from qatune.hardware import Hardware, fsdp_launched
 from qatune.provenance import (
     BASE_RECORD,
     code_digest,
@@ -77,15 +77,15 @@ def report_to(requested: list[str]) -> list[str]:
     return out or ["none"]
 
 
-def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> dict[str, Any]:
+def trainer_args(train, cfg, hw: Hardware, seed: int, output_dir: str) -> dict[str, Any]:
     """The TrainingArguments both stages pass: hardware, seeds, logging, and every optimiser, schedule,
     evaluation and checkpoint value of the method's params block (`sft` or `dpo`, both OptimParams)."""
     args: dict[str, Any] = {
         "output_dir": output_dir,
         "seed": seed,
         "data_seed": seed,
-        "bf16": hw["precision"] == "bf16",
-        "fp16": hw["precision"] == "fp16",
+        "bf16": hw.precision == "bf16",
+        "fp16": hw.precision == "fp16",
         "report_to": report_to(train.report_to),
         compat.checkpointing_key(compat.training_fields()): train.activation_checkpointing,
         "save_only_model": False,
@@ -117,9 +117,9 @@ def trainer_args(train, cfg, hw: dict[str, Any], seed: int, output_dir: str) -> 
         # TensorBoard's callback takes its folder from here; otherwise the first evaluate() before training
         # opens a writer in ./runs of the project (outside every DVC output) and the whole run logs there.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir) / "runs"))
-    if not hw["cuda"]:
+    if not hw.cuda:
         args["use_cpu"] = True
-    args.update(distributed_args(train.distributed, hw["cuda"], int(os.environ.get("WORLD_SIZE", "1"))))
+    args.update(distributed_args(train.distributed, hw.cuda, int(os.environ.get("WORLD_SIZE", "1"))))
     return args
 
 
@@ -152,14 +152,14 @@ def distributed_args(strategy: str, cuda: bool, world_size: int) -> dict[str, An
     return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False}
 
 
-def callbacks(train, cfg, block: str, hw: dict[str, Any]) -> list:
+def callbacks(train, cfg, block: str, hw: Hardware) -> list:
     """Partial activation checkpointing when the share of checkpointed layers (`train.checkpoint_layers`,
     resolved in hw by qatune.hardware) is below 1, and early stopping when `<block>.early_stopping_patience`
     > 0 (it needs the best checkpoint kept)."""
     out: list = []
-    share = hw["checkpoint_layers"]
+    share = hw.checkpoint_layers
     if train.activation_checkpointing and share < 1:
-        if hw["backend"] == "unsloth":  # said, not refused: a profile may keep the CPU-tuned share
+        if hw.backend == "unsloth":  # said, not refused: a profile may keep the CPU-tuned share
             print(
                 f"train.checkpoint_layers: {share} does not apply to the unsloth backend, "
                 "which checkpoints every layer its own way",
@@ -607,14 +607,14 @@ def eval_summary(metrics: dict[str, float], perplexity: bool = False) -> dict[st
     return out
 
 
-def run_metrics(trainer, run: Run, hw: dict[str, Any]) -> dict[str, Any]:
+def run_metrics(trainer, run: Run, hw: Hardware) -> dict[str, Any]:
     """What both stages report about the run itself, whatever the method."""
     state = trainer.state
     return {
-        "backend": hw["backend"],
-        "precision": hw["precision"],
+        "backend": hw.backend,
+        "precision": hw.precision,
         "lm_head": lm_head.trained_with(trainer.model),  # not hw's choice: what the trainer really ran
-        "device": hw["device"],
+        "device": hw.device,
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 3),
         "train_loss": round(

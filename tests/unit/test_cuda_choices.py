@@ -34,11 +34,11 @@ def fake_gpu(monkeypatch, capability: tuple[int, int], name: str = "fake GPU") -
 def test_bf16_on_cuda_only_from_ampere(monkeypatch, card, capability, bf16, auto_precision):
     fake_gpu(monkeypatch, capability, card)
     hw = hardware.probe()
-    assert (hw["cuda"], hw["cuda_bf16"], hw["device"]) == (True, bf16, card)
-    assert hardware.select_precision("auto", True, hw["cuda_bf16"], hw["cpu_bf16"]) == auto_precision
+    assert (hw.cuda, hw.cuda_bf16, hw.device) == (True, bf16, card)
+    assert hardware.select_precision("auto", True, hw.cuda_bf16, hw.cpu_bf16) == auto_precision
     if not bf16:  # an explicit bf16 on a Turing/Volta card is refused, not emulated
         with pytest.raises(QatuneError, match="no bf16"):
-            hardware.select_precision("bf16", True, hw["cuda_bf16"], hw["cpu_bf16"])
+            hardware.select_precision("bf16", True, hw.cuda_bf16, hw.cpu_bf16)
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 from qatune.errors import QatuneError
-from qatune.hardware import placement, score_dtype, select_checkpoint_layers
+from qatune.hardware import Hardware, placement, score_dtype, select_checkpoint_layers
 
 ROOT = Path(__file__).resolve().parents[2]
 
 MACHINES = {
-    "cpu": {"cuda": False, "cuda_bf16": False, "cpu_bf16": False},
-    "cpu+bf16": {"cuda": False, "cuda_bf16": False, "cpu_bf16": True},
-    "cuda+bf16": {"cuda": True, "cuda_bf16": True, "cpu_bf16": False},
-    "cuda fp16-only (T4)": {"cuda": True, "cuda_bf16": False, "cpu_bf16": True},
+    "cpu": Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False),
+    "cpu+bf16": Hardware(cuda=False, cuda_bf16=False, cpu_bf16=True),
+    "cuda+bf16": Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False),
+    "cuda fp16-only (T4)": Hardware(cuda=True, cuda_bf16=False, cpu_bf16=True),
 }
 # stage (what it loads the model for) -> machine -> (device, dtype)
 TABLE = {
@@ -74,7 +74,7 @@ def test_training_precision_and_the_dtype_the_base_loads_in(machine, monkeypatch
         update={"backend": "auto", "precision": "auto"}
     )
     hw = hardware.resolve(train)
-    assert hw["precision"] == precision
+    assert hw.precision == precision
 
     asked = {}
     tokenizer = SimpleNamespace(pad_token="<pad>")
@@ -85,6 +85,45 @@ def test_training_precision_and_the_dtype_the_base_loads_in(machine, monkeypatch
     assert modeling.load_base("models/base", train, hw, 64) == ("model", tokenizer)
     assert asked["dtype"] == getattr(torch, weights)
     assert ("device_map" in asked) == cuda
+
+
+# the CPU's flags line in /proc/cpuinfo (None: no /proc/cpuinfo) -> whether bf16 is fast there
+CPU_FLAGS = {
+    "AVX512-BF16 (Cooper Lake, Zen 4)": ("fpu sse2 avx2 avx512f avx512bw avx512_bf16", True),
+    "AMX (Sapphire Rapids)": ("fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8", True),
+    "AVX-512 without bf16 (Skylake)": ("fpu sse2 avx2 avx512f avx512bw avx512_vnni", False),
+    "AVX2 only": ("fpu sse2 avx2 fma", False),
+    "no /proc/cpuinfo": (None, False),
+}
+
+
+@pytest.mark.parametrize("cpu", list(CPU_FLAGS))
+def test_a_cpu_works_in_bf16_only_with_avx512_bf16_or_amx(cpu, tmp_path, monkeypatch):
+    """From the CPU's own flags through probe() and resolve(): with AVX512-BF16 or AMX, precision auto trains
+    in bf16 and scoring and greedy answers run in bfloat16; on any other CPU all three stay float32. Chat
+    serves in float32 on every CPU."""
+    import torch
+
+    from qatune import hardware
+    from qatune.params import load_params
+
+    flags, fast = CPU_FLAGS[cpu]
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text("".join(f"processor\t: {i}\nflags\t\t: {flags}\n\n" for i in range(2)))
+    monkeypatch.setattr(hardware, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "pin_one_gpu", lambda num_processes: None)
+    train = load_params(ROOT / "params.yaml").train.model_copy(
+        update={"backend": "auto", "precision": "auto"}
+    )
+    hw = hardware.resolve(train)
+    dtype = "bfloat16" if fast else "float32"
+    assert (hw.cuda, hw.device, hw.cpu_bf16) == (False, "cpu", fast)
+    assert hw.precision == ("bf16" if fast else "fp32")
+    assert score_dtype("auto", hw) == dtype
+    assert placement("generate", hw) == ("cpu", dtype)
+    assert placement("serve", hw) == ("cpu", "float32")
 
 
 def test_unknown_purpose_is_refused():

@@ -103,7 +103,8 @@ def test_cuda_without_a_gpu_is_refused():
     ],
 )
 def test_serve_dtype(requested, device, expected):
-    auto = hardware.placement("serve", {"cuda": device == "cuda", "cuda_bf16": True, "cpu_bf16": True})[1]
+    machine = hardware.Hardware(cuda=device == "cuda", cuda_bf16=True, cpu_bf16=True)
+    auto = hardware.placement("serve", machine)[1]
     assert inference.serve_dtype(requested, device, auto) == expected
 
 

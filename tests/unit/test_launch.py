@@ -13,6 +13,7 @@ import pytest
 
 from qatune import training
 from qatune.errors import QatuneError
+from qatune.hardware import Hardware
 from qatune.training import Nodes, nodes_from_env, python_command
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +150,7 @@ def loaded(monkeypatch):
         train = load_params(ROOT / "params.yaml").train.model_copy(
             update={"load_in_4bit": four_bit, "load_in_8bit": eight_bit}
         )
-        hw = {"backend": "transformers", "cuda": True, "precision": "bf16"}
+        hw = Hardware(backend="transformers", cuda=True, precision="bf16")
         seen.clear()
         load_base("unused", train, hw, 128)
         return dict(seen)

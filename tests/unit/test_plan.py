@@ -214,7 +214,7 @@ def test_what_stops(profile, gpu_gb, ram_gb, overrides, stops):
 
 def test_four_bit_training_without_a_gpu_stops_in_the_plan():
     params = merged("seed003-mistral-qlora", ROOT / "params.yaml", ROOT / "profiles")[1]
-    cpu = {"cuda": False, "cuda_bf16": False, "cpu_bf16": False, "gpu_gb": None, "ram_gb": 64}
+    cpu = hardware.Hardware(cuda=False, cuda_bf16=False, cpu_bf16=False, gpu_gb=None, ram_gb=64)
     blocks = [getattr(params, k) for k in ("train", "sft", "dpo", "clean", "evaluate", "merge", "export")]
     sft = plan.whole_run(plan.KNOWN[params.base_model.source], cpu, *blocks)[0]
     assert (sft.stage, sft.device) == ("sft", "")
@@ -230,7 +230,7 @@ def test_embedded_default_on_a_cpu_keeps_its_placement():
     params = merged("cpu-default", ROOT / "params.yaml", ROOT / "profiles")[1]
     arch = plan.KNOWN["bundled:smollm2-135m-instruct"]
     for cpu_bf16 in (False, True):
-        hw = {"cuda": False, "cuda_bf16": False, "cpu_bf16": cpu_bf16, "gpu_gb": None, "ram_gb": 24}
+        hw = hardware.Hardware(cuda=False, cuda_bf16=False, cpu_bf16=cpu_bf16, gpu_gb=None, ram_gb=24)
         ev, clean = params.evaluate, params.clean
         score = plan.score(arch, hw, ev.score_precision, ev.batch_size, clean.max_length, 0, (256, 160))
         merge = plan.merge(arch, hw, params.merge.dtype, 0, params.merge.check_prompts)
@@ -244,7 +244,7 @@ def test_embedded_default_on_a_cpu_keeps_its_placement():
 
 
 def test_placement_on_a_gpu_is_the_working_dtype_or_the_cpu():
-    cuda = {"cuda": True, "cuda_bf16": True, "cpu_bf16": False}
+    cuda = hardware.Hardware(cuda=True, cuda_bf16=True, cpu_bf16=False)
     assert hardware.placement("score", cuda, "bfloat16") == ("cuda", "bfloat16")
     assert hardware.placement("merge", cuda, "bfloat16", fits_gpu=False) == ("cpu", "float32")
     assert hardware.placement("merge", cuda) == ("cuda", "float32")  # callers that do not plan

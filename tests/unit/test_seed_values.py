@@ -321,7 +321,9 @@ def stage_config(params, method: str, out: Path):
     from trl import DPOConfig, SFTConfig
 
     train, cfg = params.train, getattr(params, method)
-    hw = {"precision": hardware.select_precision(train.precision, True, False, False), "cuda": True}
+    hw = hardware.Hardware(
+        precision=hardware.select_precision(train.precision, True, False, False), cuda=True
+    )
     args = training.trainer_args(train, cfg, hw, params.seed, str(out))
     if method == "sft":
         return SFTConfig(

@@ -1,10 +1,12 @@
 """Backend, precision and quantisation selection (pure), and the training chat template."""
 
+from dataclasses import replace
+
 import pytest
 
 from qatune.chat import chat_template_for_training, sft_example
 from qatune.errors import QatuneError
-from qatune.hardware import check_quantization, select_backend, select_precision
+from qatune.hardware import Hardware, check_quantization, select_backend, select_precision
 from qatune.training import python_command
 
 
@@ -299,12 +301,12 @@ def test_partial_checkpointing_is_wired_for_transformers_and_said_not_to_apply_t
 
     on = SimpleNamespace(activation_checkpointing=True)
     cfg = SimpleNamespace(early_stopping_patience=0, load_best_model_at_end=False)
-    half = {"backend": "transformers", "checkpoint_layers": 0.5}
+    half = Hardware(backend="transformers", checkpoint_layers=0.5)
     assert [type(c).__name__ for c in callbacks(on, cfg, "sft", half)] == ["PartialCheckpointing"]
-    assert callbacks(on, cfg, "sft", {**half, "checkpoint_layers": 1.0}) == []
+    assert callbacks(on, cfg, "sft", replace(half, checkpoint_layers=1.0)) == []
     assert callbacks(SimpleNamespace(activation_checkpointing=False), cfg, "sft", half) == []
     assert capsys.readouterr().out == ""
-    assert callbacks(on, cfg, "sft", {**half, "backend": "unsloth"}) == []
+    assert callbacks(on, cfg, "sft", replace(half, backend="unsloth")) == []
     assert capsys.readouterr().out.strip() == (
         "train.checkpoint_layers: 0.5 does not apply to the unsloth backend, which checkpoints every layer its own way"
     )
