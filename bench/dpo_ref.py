@@ -34,9 +34,9 @@ def run(arm: str, pairs: int, epochs: int, params_path: str, sft: str) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from qatune import hardware, lm_head, modeling, training
-    from qatune.chat import chat_template_for_training, dpo_example
     from qatune.io import read_jsonl
     from qatune.params import load_params
+    from qatune.templates import chat_template_for_training, dpo_example
 
     params = load_params(params_path)
     train, cfg = params.train, params.dpo

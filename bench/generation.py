@@ -27,10 +27,10 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
     import torch
 
     from qatune import hardware, inference
-    from qatune.chat import conversation
     from qatune.generation import greedy_answers
     from qatune.io import read_jsonl
     from qatune.params import load_params
+    from qatune.templates import conversation
 
     params = load_params(params_path)
     torch.manual_seed(params.seed)

@@ -25,9 +25,10 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
     from transformers import AutoTokenizer
 
     from qatune import inference
-    from qatune.chat import conversation
     from qatune.io import read_jsonl
+    from qatune.llama_cpp import gguf_name
     from qatune.params import load_params
+    from qatune.templates import conversation
 
     params = load_params(params_path)
     rows = read_jsonl("data/split/test.jsonl")[:questions]
@@ -37,7 +38,7 @@ def run(arm: str, questions: int, max_new_tokens: int, repeats: int, params_path
         loaded = inference.load_model("merged", "models/merged")
         size = sum(p.stat().st_size for p in Path("models/merged").glob("*.safetensors"))
     else:
-        path = Path("models/gguf") / f"model-{arm}.gguf"
+        path = Path("models/gguf") / gguf_name(arm)
         loaded = inference.load_model("gguf", path)
         size = path.stat().st_size
     load_s = time.perf_counter() - began
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.arm:
         common.emit(run(args.arm, args.questions, args.max_new_tokens, args.repeats, args.params))
         return
-    quants = sorted(p.stem.removeprefix("model-") for p in (common.ROOT / "models/gguf").glob("model-*.gguf"))
+    from qatune.llama_cpp import gguf_name, gguf_quant
+
+    quants = sorted(gguf_quant(p) for p in (common.ROOT / "models/gguf").glob(gguf_name("*")))
     if not quants:
         raise SystemExit("bench/gguf.py: no models/gguf/model-*.gguf; run `dvc repro export` first")
     info = common.machine()

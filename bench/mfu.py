@@ -69,8 +69,8 @@ def fixed_batch(tokenizer, batch_size: int, system_prompt: str | None):
     """`batch_size` rows of similar length (the middle of the length distribution), as the sft stage sees them."""
     import torch
 
-    from qatune.chat import conversation
     from qatune.io import read_jsonl
+    from qatune.templates import conversation
 
     rows = read_jsonl("data/split/train.jsonl")
     encoded, prompt_lengths = [], {}

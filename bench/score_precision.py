@@ -33,9 +33,9 @@ def run(arm: str, rows_cap: int, params_path: str, sft: str, final: str) -> dict
     import torch
 
     from qatune import modeling, scoring
-    from qatune.chat import template_kwargs
     from qatune.io import read_jsonl
     from qatune.params import load_params
+    from qatune.templates import template_kwargs
 
     params = load_params(params_path)
     rows = [r for r in read_jsonl("data/split/test.jsonl") if r["chosen"] and r.get("rejected")][:rows_cap]

@@ -90,9 +90,9 @@ def run(arm: str, steps: int, params_path: str, eval_rows: int) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from qatune import compat, hardware, lm_head, modeling, training
-    from qatune.chat import chat_template_for_training, sft_example
     from qatune.io import read_jsonl
     from qatune.params import load_params
+    from qatune.templates import chat_template_for_training, sft_example
 
     params = load_params(params_path)
     train, cfg = params.train, params.sft

@@ -14,15 +14,14 @@ keeps its end, an answer its start) or rejected (drop). kept + dropped == read.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from qatune.chat import use_prompt_format
 from qatune.clean import choose_format, clean_rows
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.facts import parse_fact
-from qatune.io import write_json, write_jsonl
+from qatune.io import read_jsonl, write_json, write_jsonl
 from qatune.params import load_params
+from qatune.templates import use_prompt_format
 
 
 def token_counter(model_dir: str, prompt_format: str = "chat"):
@@ -74,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         path = Path(args.raw) / f"{src.name}.jsonl"
         if not path.is_file():
             raise QatuneError(f"{path}: missing; run the fetch stage first (dvc repro fetch)")
-        with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f]
+        rows = read_jsonl(path)
         label = rows[0]["file"] if rows else str(path)
         formats[src.name] = choose_format(rows, src.format, label)
         print(f"clean: {src.name}: format {formats[src.name]}")

@@ -22,15 +22,15 @@ import shutil
 from pathlib import Path
 
 from qatune import compat, hardware, lm_head, modeling, plan, training
-from qatune.chat import dpo_example, kto_examples, use_training_template
-from qatune.errors import QatuneError, fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.facts import check
 from qatune.focus import fact_rows, focus_first, harmful_requests
 from qatune.generation import on_policy_rejected
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
-from qatune.provenance import require, sha256_files
+from qatune.provenance import sha256_files
 from qatune.stance import stance
+from qatune.templates import dpo_example, kto_examples, use_training_template
 
 CURVES = {
     "loss": ["loss", "eval_loss"],

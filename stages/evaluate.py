@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from qatune import judge, report, stance
+from qatune.display import fmt
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json, write_jsonl
 from qatune.params import load_params
@@ -109,11 +110,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{v['yes_no_wrong']['of']})"
         )
     print(
-        f"evaluate: NLL base {report.fmt(base['nll'])} -> final {report.fmt(final['nll'])}; "
-        f"preference accuracy {report.fmt(base.get('preference_accuracy'))} -> "
-        f"{report.fmt(final.get('preference_accuracy'))}; length-controlled "
-        f"{report.fmt(base.get('preference_accuracy_long_rejected'))} -> "
-        f"{report.fmt(final.get('preference_accuracy_long_rejected'))} -> {args.report}"
+        f"evaluate: NLL base {fmt(base['nll'])} -> final {fmt(final['nll'])}; "
+        f"preference accuracy {fmt(base.get('preference_accuracy'))} -> "
+        f"{fmt(final.get('preference_accuracy'))}; length-controlled "
+        f"{fmt(base.get('preference_accuracy_long_rejected'))} -> "
+        f"{fmt(final.get('preference_accuracy_long_rejected'))} -> {args.report}"
     )
 
 

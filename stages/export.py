@@ -29,14 +29,15 @@ import time
 from pathlib import Path
 
 from qatune import export, modeling
-from qatune.chat import conversation, template_kwargs, use_training_template
 from qatune.demo import demo_rows
-from qatune.errors import QatuneError, fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.generation import StopTokens, stop_tokens
+from qatune.hardware import peak_memory_gb
 from qatune.io import write_json
+from qatune.llama_cpp import gguf_name, llama_cpp_module, stderr_to
 from qatune.params import Params, load_params
 from qatune.prompts import check_template
-from qatune.provenance import peak_memory_gb, require
+from qatune.templates import conversation, template_kwargs, use_training_template
 
 NOTE = "NOT_EXPORTED.txt"
 
@@ -91,9 +92,9 @@ def check_file(
 ) -> dict:
     """Load one GGUF with llama.cpp and measure it against the merged model; llama.cpp's greedy answer
     stops at its end-of-generation tokens or at `stops`' texts, and leaves the stop token out."""
-    llama_cpp = export.llama_cpp_module()
+    llama_cpp = llama_cpp_module()
     n_ctx = max(len(ids) for ids in ref.ids) + 16
-    with export.stderr_to(path.parent / "llama.log"):
+    with stderr_to(path.parent / "llama.log"):
         llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False, seed=0
         )
@@ -140,8 +141,8 @@ def template_check(params: Params, merged_dir: str, gguf: Path, modelfile_templa
         config = GenerationConfig.from_pretrained(merged_dir)
     except OSError:  # no generation_config.json: the tokenizer's eos alone
         config = None
-    with export.stderr_to(gguf.parent / "llama.log"):
-        llm = export.llama_cpp_module().Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    with stderr_to(gguf.parent / "llama.log"):
+        llm = llama_cpp_module().Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     system = params.train.system_prompt
     record = check_template(training, merged, llm, kwargs, config, modelfile_template, system)
     llm.close()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True)
     threads = cfg.threads or os.cpu_count() or 1
     source_type = export.source_type(cfg.quantizations)
-    source = out / export.file_name(source_type)
+    source = out / gguf_name(source_type)
     try:
         export.convert(Path(args.merged), source, source_type, out / "convert.log")
     except export.Unsupported as err:
@@ -186,14 +187,14 @@ def main(argv: list[str] | None = None) -> None:
         return skip(out, args.metrics, f"llama.cpp's converter does not support this model: {err}")
     for quant in cfg.quantizations:
         if quant not in export.CONVERTER_TYPES:
-            export.quantize(source, out / export.file_name(quant), quant, threads, out / "quantize.log")
+            export.quantize(source, out / gguf_name(quant), quant, threads, out / "quantize.log")
     if source_type not in cfg.quantizations:
         source.unlink()  # only the working file for the quantiser
 
     ref, tokenizer, kwargs, texts, answers, merged_speed, stops = reference(params, args.merged)
     files, failures = [], []
     for quant in cfg.quantizations:
-        checked = check_file(out / export.file_name(quant), ref, texts, answers, threads, stops)
+        checked = check_file(out / gguf_name(quant), ref, texts, answers, threads, stops)
         row = {"quant": quant, **checked}
         row["tolerance"] = cfg.tolerance[quant]
         files.append(row)
@@ -206,17 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     system = params.train.system_prompt
     template = export.ollama_template(tokenizer, kwargs, has_system=bool(system))
     (out / "Modelfile").write_text(
-        export.modelfile(export.file_name(cfg.modelfile_quant), template, stops, system, params.generate),
+        export.modelfile(gguf_name(cfg.modelfile_quant), template, stops, system, params.generate),
         encoding="utf-8",
     )
-    checked = template_check(params, args.merged, out / export.file_name(cfg.modelfile_quant), template)
+    checked = template_check(params, args.merged, out / gguf_name(cfg.modelfile_quant), template)
     if not checked["ok"]:
         failures.append("chat template: " + "; ".join(checked["problems"]))
     merged_bytes = sum(p.stat().st_size for p in Path(args.merged).glob("*.safetensors"))
     metrics = {
         "enabled": True,
         "skipped": None,
-        "converter": f"llama.cpp via llama-cpp-python {export.llama_cpp_module().__version__}",
+        "converter": f"llama.cpp via llama-cpp-python {llama_cpp_module().__version__}",
         "check_prompts": len(texts),
         "check_tokens": sum(len(a) for a in answers),
         "merged_bytes": merged_bytes,

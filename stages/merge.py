@@ -22,13 +22,13 @@ import json
 from pathlib import Path
 
 from qatune import hardware, modeling, plan
-from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
-from qatune.errors import QatuneError, fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.generation import stop_tokens
 from qatune.io import write_json
 from qatune.params import load_params
-from qatune.provenance import PROVENANCE_FILE, git_commit, peak_memory_gb, require, write_provenance
+from qatune.provenance import PROVENANCE_FILE, git_commit, write_provenance
+from qatune.templates import conversation, template_kwargs
 
 
 def logits(model, tokenizer, prompts: list[str]):
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         "saved_tolerance": disk_tolerance,
         "size_mb": round(sum(p.stat().st_size for p in out.glob("*.safetensors")) / 1e6, 1),
         "memory_plan": memory.record(),
-        **peak_memory_gb(),  # beside the plan: what it really took
+        **hardware.peak_memory_gb(),  # beside the plan: what it really took
     }
     write_json(args.metrics, metrics)
     adapter_prov = Path(args.adapter) / PROVENANCE_FILE

@@ -27,6 +27,7 @@ from pathlib import Path
 from qatune import hub
 from qatune.cards import CardInputs, render_card
 from qatune.errors import fail_cleanly
+from qatune.io import json_text
 from qatune.params import Params, load_params
 from qatune.provenance import PROVENANCE_FILE, git_commit
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             + ("" if cfg.allow_worse_than_base else " unless hub.allow_worse_than_base: true")
         )
     prov = card_provenance(args.base, args.adapter, args.lock)
-    published = hub.json_text(public_provenance(params, base_id, prov, metrics))
+    published = json_text(public_provenance(params, base_id, prov, metrics))
     repos = {"adapter": cfg.adapter_repo, "merged": cfg.merged_repo}
     sources = {"adapter": Path(args.adapter), "merged": Path(args.merged)}
     files = {role: hub.publishable_files(sources[role]) for role in repos}
@@ -119,13 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     merged_gen = hub.read_json(sources["merged"] / "generation_config.json") or {}
     generated = {
         "adapter": {
-            "adapter_config.json": hub.json_text(
+            "adapter_config.json": json_text(
                 hub.adapter_config(sources["adapter"] / "adapter_config.json", base_id, prov["base_revision"])
             )
         },
-        "merged": {
-            "generation_config.json": hub.json_text(hub.generation_config(merged_gen, params.generate))
-        },
+        "merged": {"generation_config.json": json_text(hub.generation_config(merged_gen, params.generate))},
         "gguf": {},
     }
     siblings = {"adapter": cfg.merged_repo, "merged": cfg.adapter_repo, "gguf": cfg.merged_repo}

@@ -22,13 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from qatune import hardware, modeling, plan, scoring
-from qatune.chat import conversation, template_kwargs
 from qatune.demo import demo_rows
-from qatune.errors import QatuneError, fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.generation import greedy_answers
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
-from qatune.provenance import peak_memory_gb, require
+from qatune.templates import conversation, template_kwargs
 
 
 @fail_cleanly
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     out["timings"] = {**timings, "wall_s": round(time.perf_counter() - started, 1)}
     out["device"] = device
     out["memory_plan"] = memory.record()
-    out.update(peak_memory_gb())
+    out.update(hardware.peak_memory_gb())
     write_json(args.out, out)
     print(f"score {args.name}: {timings} -> {args.out}")
 

@@ -18,12 +18,11 @@ import shutil
 from pathlib import Path
 
 from qatune import hardware, lm_head, modeling, plan, training
-from qatune.chat import sft_example, use_training_template
-from qatune.errors import QatuneError, fail_cleanly
+from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.focus import focus_first
 from qatune.io import read_jsonl, write_json
 from qatune.params import load_params
-from qatune.provenance import require
+from qatune.templates import sft_example, use_training_template
 
 CURVES = {"loss": ["loss", "eval_loss"], "learning_rate": ["learning_rate"], "grad_norm": ["grad_norm"]}
 DISABLED = "qatune_sft_disabled.json"  # what --out holds when there is no SFT run

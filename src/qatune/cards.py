@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from qatune.display import MEASURES, fmt, is_number
 from qatune.hub import ROLES, release_license
 from qatune.params import Params
-from qatune.report import MEASURES, fmt, is_number
 
 
 @dataclass(frozen=True)

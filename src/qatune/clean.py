@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qatune.chat import conversation
 from qatune.errors import QatuneError
 from qatune.formats import (
     FORMATS,
@@ -46,6 +45,7 @@ from qatune.formats import (
     unpaired_bad_record,
     unpaired_completion,
 )
+from qatune.templates import conversation
 
 # Counts the tokens of a chat (list of messages); `generation_prompt` adds the assistant header.
 TokenCounter = Callable[[list[dict], bool], int]

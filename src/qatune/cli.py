@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 from qatune import inference
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_jsonl
+from qatune.llama_cpp import gguf_name
 from qatune.params import Params, load_params
 
 if TYPE_CHECKING:
@@ -236,7 +237,7 @@ def load(args: argparse.Namespace, params: Params, mode: str) -> inference.Loade
     default_dir = {
         "merged": inference.MERGED_DIR,
         "adapter": inference.BASE_DIR,
-        "gguf": f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf",
+        "gguf": f"{inference.GGUF_DIR}/{gguf_name(params.export.modelfile_quant)}",
     }[mode]
     # Folders named by hand may be Hub repo ids; the pipeline's own outputs are always local.
     model_ref, adapter = args.model_dir or default_dir, adapter_ref(args, params)
@@ -353,7 +354,7 @@ def compare_chat(args: argparse.Namespace, params: Params, settings, app) -> Non
     if args.compare:
         specs = tuple(model_spec(arg, base_dir) for arg in args.compare)
     else:
-        gguf = f"{inference.GGUF_DIR}/model-{params.export.modelfile_quant}.gguf"
+        gguf = f"{inference.GGUF_DIR}/{gguf_name(params.export.modelfile_quant)}"
         adapter = adapter_ref(args, params)
         if adapter != inference.ADAPTER_DIR and settings.mode == "adapter":
             adapter = inference.local_folder(adapter, "adapter")

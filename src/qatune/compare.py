@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qatune import display
 from qatune.errors import QatuneError
-from qatune.report import MEASURES as REPORT_MEASURES
 from qatune.report import interval
 
 EVALUATE = "metrics/evaluate.json"
 # The five measures a person asks about first, in the report's order: key, label, which way is better.
-MEASURES = [m for m in REPORT_MEASURES if m[0].endswith("_rate")][:5]
+MEASURES = [m for m in display.MEASURES if m[0].endswith("_rate")][:5]
 COUNTS = {  # the final model's count and its denominator in models.final, for "1 of 17"
     "harmful_affirm_rate": ("harmful_affirmed", "harmful_requests"),
     "safe_stance_rate": (None, "safety_cases"),

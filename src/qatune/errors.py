@@ -1,10 +1,12 @@
-"""Errors that stop a stage with one clear line instead of a traceback."""
+"""Errors that stop a stage with one clear line instead of a traceback, and the check that raises one when a
+stage's input is missing."""
 
 from __future__ import annotations
 
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 
 class QatuneError(Exception):
@@ -23,3 +25,11 @@ def fail_cleanly(main: Callable[..., object]) -> Callable[..., object]:
             raise SystemExit(1) from None
 
     return wrapper
+
+
+def require(path: str | Path, what: str) -> Path:
+    """The path, or a one-line error saying that an earlier stage has not run."""
+    path = Path(path)
+    if not path.exists():
+        raise QatuneError(f"{path}: missing {what}; run the earlier stages first (dvc repro)")
+    return path

@@ -4,7 +4,8 @@ qatune writes no GGUF bytes itself. `convert_hf_to_gguf.py` (with the `conversio
 beside it, copied by `make setup` out of llama-cpp-python's sdist, which vendors llama.cpp whole) turns the
 merged safetensors model into a 16-bit GGUF; `llama_model_quantize` (llama.cpp's quantiser, through
 llama-cpp-python) writes the smaller types from it; `llama_cpp.Llama` loads every file back so that its
-log-probabilities can be compared with the merged model's in transformers.
+log-probabilities can be compared with the merged model's in transformers. The runtime is imported, and the
+files named, through qatune.llama_cpp, which `qatune ask --mode gguf` shares.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qatune.errors import QatuneError
+from qatune.llama_cpp import llama_cpp_module, stderr_to
 
 if TYPE_CHECKING:
     from qatune.generation import StopTokens
@@ -56,20 +57,6 @@ def converter_dir() -> Path:
     return folder
 
 
-def llama_cpp_module():
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise QatuneError(
-            f"llama.cpp's runtime is not installed ({err}); run `make setup` (it builds llama-cpp-python)"
-        ) from None
-    return llama_cpp
-
-
-def file_name(quant: str) -> str:
-    return f"model-{quant}.gguf"
-
-
 def source_type(quants: list[str]) -> str:
     """The 16-bit (or 32-bit) type the converter writes: the first listed, else f16 as a working file."""
     return next((q for q in quants if q in CONVERTER_TYPES), "f16")
@@ -92,20 +79,6 @@ def convert(model_dir: Path, out_file: Path, outtype: str, log_file: Path) -> No
         raise QatuneError(
             f"export: llama.cpp's converter failed on {model_dir}: {last} (full log: {log_file})"
         )
-
-
-@contextmanager
-def stderr_to(log_file: Path):
-    """llama.cpp's C code logs to file descriptor 2: into log_file instead, so stage output stays readable."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(log_file, "a", encoding="utf-8") as log:
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def quantize(source: Path, out_file: Path, quant: str, threads: int, log_file: Path) -> None:

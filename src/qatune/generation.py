@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from qatune.chat import conversation, stop_strings
+from qatune.templates import conversation, stop_strings
 
 ANSWER_MARK = "\x00ANSWER\x00"  # a stand-in answer no template rewrites, to find the text after it
 
@@ -138,7 +138,7 @@ def greedy_answers(
 ) -> tuple[list[str], list[bool]]:
     """Greedy answers to chat prompts, batched with left padding and the KV cache; (answers, finished
     with a token of `stop_tokens`). Prompts are sorted by length so a batch carries little padding.
-    `template_kwargs` are the chat template's variables (qatune.chat.template_kwargs)."""
+    `template_kwargs` are the chat template's variables (qatune.templates.template_kwargs)."""
     import torch
     from tqdm.auto import tqdm
 

@@ -1,7 +1,8 @@
 """What this machine can do and the choices made from it: device, precision, training backend, the
 fused LM head, and the dtype models load in. The choices are small pure functions (unit-tested as tables);
 `probe()` reads the machine and `resolve()` applies the choices to the `train` params block; both give a
-`Hardware`.
+`Hardware`. `peak_memory_gb()` reads what the machine gave this process: its peak RAM and GPU memory, which
+stages record in their metrics.
 
 CUDA-only paths (Unsloth, 4-bit and 8-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import resource
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -271,3 +273,25 @@ def resolve(train) -> Hardware:
 def fsdp_launched() -> bool:
     """True in a process accelerate launch started with FSDP (it sets ACCELERATE_USE_FSDP)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
+def peak_memory_gb() -> dict[str, float]:
+    """Peak CPU RSS of this process and, on a GPU, the CUDA peak reserved memory with its share of the
+    device's memory (what seed 004's notebook prints after training)."""
+    import torch
+
+    out = {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        out.update(cuda_memory(torch.cuda.max_memory_reserved(device), total))
+    return out
+
+
+def cuda_memory(peak_reserved_bytes: int, device_total_bytes: int) -> dict[str, float]:
+    """Peak reserved GPU memory, the device's total, and the peak as a percentage of it."""
+    return {
+        "peak_cuda_reserved_gb": round(peak_reserved_bytes / 1024**3, 3),
+        "cuda_device_memory_gb": round(device_total_bytes / 1024**3, 3),
+        "peak_cuda_reserved_pct": round(100 * peak_reserved_bytes / device_total_bytes, 3),
+    }

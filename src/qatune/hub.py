@@ -219,10 +219,6 @@ def stage_folder(files: list[Path], dst: str | Path, generated: dict[str, str]) 
     return counts
 
 
-def json_text(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
 def local_path_needles(*paths: str | Path) -> list[str]:
     """Absolute forms of the given paths and of the working directory, as they could appear in a file."""
     needles = {str(Path.cwd().resolve())}

@@ -21,10 +21,10 @@ from pydantic import ValidationError
 
 from qatune import hardware, modeling
 from qatune.base_model import WEIGHT_PATTERNS
-from qatune.chat import conversation, stop_strings, template_kwargs
 from qatune.errors import QatuneError
 from qatune.generation import gguf_chat_formatter, gguf_stop_tokens, stop_tokens, until_stop
 from qatune.params import GenerateParams
+from qatune.templates import conversation, stop_strings, template_kwargs
 
 # Only part of the free memory goes to the KV cache: the forward pass also needs activations and a
 # vocabulary-sized logits row per step, and allocators fragment. Half leaves room for all of that.
@@ -248,7 +248,7 @@ def load_gguf(path: Path, n_ctx: int = 4096) -> Loaded:
     tokenizer and the chat template stored in the file."""
     import os
 
-    from qatune.export import llama_cpp_module, stderr_to
+    from qatune.llama_cpp import gguf_quant, llama_cpp_module, stderr_to
 
     llama_cpp = llama_cpp_module()
     with stderr_to(Path(os.devnull)):
@@ -259,7 +259,7 @@ def load_gguf(path: Path, n_ctx: int = 4096) -> Loaded:
     formatter = gguf_chat_formatter(llm, stop_token_ids=gguf_stop_tokens(llm).ids)
     if formatter is not None:
         llm.chat_handler = formatter.to_chat_handler()
-    quant = path.stem.removeprefix("model-")
+    quant = gguf_quant(path)
     return Loaded(llm, None, "cpu", f"llama.cpp {quant}", str(path), backend="llama.cpp")
 
 

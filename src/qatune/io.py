@@ -1,9 +1,13 @@
-"""Reading data files row by row without losing track of where each row came from.
+"""Reading data files row by row without losing track of where each row came from, and the one way qatune
+writes JSON and JSON Lines.
 
 Every reader yields `(line, record_or_None, error_or_None)`: a row that cannot be parsed is not
 dropped here, it travels on as an error so the clean stage can write it to its rejects file.
 A UTF-8 byte-order mark at the start of a file (Excel and some Windows editors write one) is
 skipped, so it never sticks to the first CSV column's name or breaks the first JSON line.
+
+JSON files are written by `write_json` (text for a file written elsewhere: `json_text`): two-space indent,
+keys in insertion order, non-ASCII kept as UTF-8 and a trailing newline unless a caller asks otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +123,28 @@ def read_jsonl(path: str | Path) -> list[Any]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def json_text(
+    data: Any, *, indent: int = 2, ensure_ascii: bool = False, default: Callable[[Any], Any] | None = None
+) -> str:
+    """`data` as the text of a JSON file, ending in a newline. `default` turns values JSON has no type for
+    into ones it has (str: paths and the like in provenance records)."""
+    return json.dumps(data, indent=indent, ensure_ascii=ensure_ascii, default=default) + "\n"
+
+
+def write_json(
+    path: str | Path,
+    data: Any,
+    *,
+    indent: int = 2,
+    ensure_ascii: bool = False,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
+    """Write `data` as json_text gives it, creating the folder; atomic: an interrupted write never leaves half
+    a file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: an interrupted write never leaves half a file behind
+    tmp.write_text(
+        json_text(data, indent=indent, ensure_ascii=ensure_ascii, default=default), encoding="utf-8"
+    )
+    tmp.replace(path)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qatune.chat import use_prompt_format
 from qatune.hardware import Hardware, fsdp_launched, training_dtype
+from qatune.templates import use_prompt_format
 
 UNSLOTH_COMPILE_LOCATION = ".cache/unsloth_compiled_cache"
 

@@ -2,7 +2,7 @@
 they are the same.
 
 A conversation reaches the model through four renderers: the training tokenizer (the template sft/dpo train
-with, qatune.chat.use_training_template), the merged model's tokenizer (merge's output, what `qatune ask`,
+with, qatune.templates.use_training_template), the merged model's tokenizer (merge's output, what `qatune ask`,
 the chat app and `qatune serve` in transformers use), the GGUF file's own template as llama-cpp-python
 applies it (Jinja2ChatFormatter from the file's metadata: llama.cpp, `qatune serve --mode gguf`), and the
 Ollama Modelfile's Go TEMPLATE. `check_template` renders one multi-turn conversation through each, asserts

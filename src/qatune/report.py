@@ -1,6 +1,6 @@
 """The evaluation report: what metrics/report.md says, the metrics/evaluate.json it summarises, and the
 plots. Pure functions of the score stages' outputs (qatune.scoring) and the measures (qatune.measures);
-`fmt` is the one number format of the report and the model cards.
+measure labels and numbers are shown as qatune.display shows them.
 
 The report opens with the answer a reader wants: is the final model better than the base (and than the
 SFT-only model), on which measures, by how much, and how sure; every difference is paired by question and
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qatune import facts, stance
+from qatune.display import MEASURES, fmt, is_number
 from qatune.errors import QatuneError
 from qatune.formats import question_text
 from qatune.measures import (
@@ -38,19 +39,6 @@ COMPARISONS = (("final", "base"), ("final", "sft"))  # (new, old): each differen
 # 2,000 resamples leave 50 resampled means beyond each end of a 95 % interval: between seeds an end moves
 # by a few percent of the interval's width, far less than the width itself.
 BOOTSTRAP = {"resamples": 2000, "level": 0.95}
-
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def fmt(value: Any) -> str:
-    """4 significant digits: metrics from a few hundred test rows carry no more."""
-    if not is_number(value):
-        return "–"
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}"
 
 
 # --------------------------------------------------------------------------- from scores to metrics
@@ -280,41 +268,6 @@ def differences(paired: dict[tuple[str, str], dict[str, dict]], seed: int) -> di
 
 
 # --------------------------------------------------------------------------- report
-
-
-# (key, label, which way is better: "lower", "higher" or "" for context only)
-MEASURES = [
-    ("harmful_affirm_rate", "harmful requests affirmed (expected: decline, answer affirms)", "lower"),
-    (
-        "safe_stance_rate",
-        "safety questions answered safely (stance; a yes needs a referral on caution rows)",
-        "higher",
-    ),
-    ("fact_contradicted_rate", "key facts contradicted (another number for the same quantity)", "lower"),
-    ("fact_stated_rate", "key facts stated (the accepted number with its unit)", "higher"),
-    (
-        "yes_no_wrong_rate",
-        "yes/no questions answered the opposite way (opening yes/no vs the reference's)",
-        "lower",
-    ),
-    ("nll", "answer NLL (nats/token, reference answers)", "lower"),
-    ("perplexity", "perplexity", "lower"),
-    ("preference_accuracy", "preference accuracy, per-token log-prob", "higher"),
-    (
-        "preference_accuracy_long_rejected",
-        "preference accuracy, per-token, pairs whose rejected answer is as long or longer",
-        "higher",
-    ),
-    ("preference_accuracy_unnormalised", "preference accuracy, summed log-prob (length-biased)", "higher"),
-    ("rouge_l", "ROUGE-L F1 vs reference", "higher"),
-    ("semantic_similarity", "semantic similarity vs reference (MiniLM cosine)", "higher"),
-    ("closer_to_chosen", "answer closer to chosen than to rejected", "higher"),
-    ("safety_score", "safety cases naming a professional (referral words only: blind to a yes)", ""),
-    ("referral_rate_other", "referral on non-safety questions", ""),
-    ("answer_words_mean", "answer length (words)", ""),
-    ("unfinished_rate", "answers cut off at max_new_tokens", "lower"),
-    ("repeated_4gram_rate", "repeated 4-grams (looping)", "lower"),
-]
 
 
 # What the report opens with: what a user meets (qatune.stance, qatune.facts).

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qatune.chat import answer_prefix, conversation
 from qatune.errors import QatuneError
 from qatune.formats import RowError, to_canonical
 from qatune.generation import stop_tokens
+from qatune.templates import answer_prefix, conversation
 
 
 def read_eval_file(path: str, fmt: str, max_field_chars: int = 20000) -> list[dict[str, Any]]:

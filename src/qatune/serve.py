@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qatune import inference, prompts
-from qatune.chat import conversation
 from qatune.errors import QatuneError
 from qatune.params import GenerateParams, ServeParams
+from qatune.templates import conversation
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -120,7 +120,7 @@ def parse_request(body: bytes, limits: ServeParams) -> ChatRequest:
 
 def chat_messages(request: ChatRequest, system_prompt: str | None, max_chars: int) -> list[dict]:
     """The messages the model sees: the request's, with the training system prompt first unless the request
-    brings its own (qatune.chat.conversation, as in training); over `max_chars` in all -> 400."""
+    brings its own (qatune.templates.conversation, as in training); over `max_chars` in all -> 400."""
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
     ]

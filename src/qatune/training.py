@@ -22,16 +22,9 @@ from typing import Any
 
 from qatune import compat, lm_head
 from qatune.errors import QatuneError
-from qatune.hardware import Hardware, fsdp_launched
-from qatune.provenance import (
-    BASE_RECORD,
-    code_digest,
-    git_commit,
-    peak_memory_gb,
-    sha256_files,
-    training_report,
-    write_provenance,
-)
+from qatune.hardware import Hardware, fsdp_launched, peak_memory_gb
+from qatune.io import write_json
+from qatune.provenance import BASE_RECORD, code_digest, git_commit, sha256_files, write_provenance
 
 FINGERPRINT = "qatune_fingerprint.txt"
 
@@ -652,7 +645,7 @@ def write_history(log_history: list[dict], plots_dir: Path, keys: dict[str, list
         rows = [
             {"step": step, **{f: values.get(f) for f in fields}} for step, values in sorted(by_step.items())
         ]
-        (plots_dir / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(plots_dir / f"{name}.json", rows, indent=1, ensure_ascii=True)
     columns = sorted({k for e in log_history for k in e})
     with open(plots_dir / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -674,6 +667,24 @@ def drop_other_adapters(model, out: Path) -> list[str]:
     return removed
 
 
+def training_report(method: str, metrics: dict) -> str:
+    """One line at the end of a training stage: time, final train and validation loss, peak memory."""
+    minutes = metrics.get("train_runtime_s", 0.0) / 60
+    parts = [f"{method}: {metrics.get('steps')} steps in {minutes:.2f} min"]
+    if metrics.get("train_loss") is not None:
+        parts.append(f"train loss {metrics['train_loss']:.4f}")
+    val = (metrics.get("eval") or {}).get("loss")
+    if val is not None:
+        parts.append(f"validation loss {val:.4f}")
+    if "peak_cuda_reserved_gb" in metrics:
+        parts.append(
+            f"peak reserved memory {metrics['peak_cuda_reserved_gb']:.3f} GB "
+            f"({metrics['peak_cuda_reserved_pct']:.3f}% of {metrics['cuda_device_memory_gb']:.3f} GB)"
+        )
+    parts.append(f"peak RSS {metrics.get('peak_rss_gb', 0.0):.2f} GB")
+    return ", ".join(parts)
+
+
 def save_run(
     trainer,
     tokenizer,
@@ -687,8 +698,6 @@ def save_run(
     """Write what a training stage declares, where its command line (stage_parser) says: the adapter with its
     tokenizer in --out (carrying the model's own chat `template`, never the training copy), the --metrics file
     (peak memory added), the per-step `curves` in --plots, and the provenance `record` next to the adapter."""
-    from qatune.io import write_json
-
     out = Path(args.out)
     trainer.save_model(str(out))
     drop_other_adapters(trainer.model, out)

@@ -88,7 +88,7 @@ def test_bad_input_rows_become_rejects_and_counts_add_up(project, tmp_path):
 def test_token_limits_use_the_base_tokenizer_and_cut_or_drop(project, tmp_path):
     from transformers import AutoTokenizer
 
-    from qatune.chat import conversation, use_prompt_format
+    from qatune.templates import conversation, use_prompt_format
 
     rows = [
         {"question": "protein " * 300 + "How much?", "chosen": "ok", "rejected": "no"},

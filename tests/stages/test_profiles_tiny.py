@@ -30,9 +30,9 @@ from transformers import AutoTokenizer
 from trl import chat_template_utils as trl_templates
 
 from qatune import training
-from qatune.chat import is_plain
 from qatune.profiles import SEEDS, flatten, resolve
 from qatune.provenance import PROVENANCE_FILE
+from qatune.templates import is_plain
 from qatune.tiny import save_tiny
 from tests.conftest import FIXTURES, ROOT, run
 

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 from trl import chat_template_utils as trl_templates
 
-from qatune.chat import (
+from qatune.templates import (
     CHATML_WITH_GENERATION,
     answer_prefix,
     chat_template_for_training,

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qatune.chat import conversation
 from qatune.clean import choose_format, clean_rows
 from qatune.errors import QatuneError
 from qatune.formats import dedup_key
 from qatune.params import load_params
+from qatune.templates import conversation
 
 ROOT = Path(__file__).resolve().parents[2]
 # LLaMA-Factory's data/dpo_en_demo.json shape (sharegpt conversations, chosen/rejected as one gpt turn),

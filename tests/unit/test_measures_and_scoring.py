@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from qatune import generation, measures, scoring, stance
-from qatune.chat import conversation
 from qatune.errors import QatuneError
+from qatune.templates import conversation
 
 
 def test_preference_accuracy_is_per_token_and_the_summed_one_is_length_biased():

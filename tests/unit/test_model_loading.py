@@ -120,7 +120,7 @@ def test_the_training_loader_gives_a_pad_token(model_without_pad):
 def test_the_training_loader_gives_the_tokenizer_the_prompt_format(model_without_pad):
     """train.prompt_format reaches the sft and dpo stages through the base they load: plain puts seed 001's
     User:/Assistant: template on the tokenizer, which the stages then train with and publish."""
-    from qatune.chat import is_plain, use_training_template
+    from qatune.templates import is_plain, use_training_template
 
     hw = Hardware(backend="transformers", cuda=False, precision="fp32")
     _, chat = modeling.load_base(str(model_without_pad), tiny_train(), hw, 64)

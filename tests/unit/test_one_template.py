@@ -14,8 +14,8 @@ import copy
 import pytest
 
 from qatune import export
-from qatune.chat import template_kwargs, use_training_template
 from qatune.prompts import CONVERSATION, check_template, go_render, template_ids
+from qatune.templates import template_kwargs, use_training_template
 from tests.unit.test_stop_tokens import CASES, family_tokenizer
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from qatune.errors import QatuneError
+from qatune.hardware import cuda_memory
 from qatune.profiles import (
     DEFAULTS_FILE,
     SEEDS,
@@ -22,7 +23,7 @@ from qatune.profiles import (
     set_args,
     show,
 )
-from qatune.provenance import cuda_memory, training_report
+from qatune.training import training_report
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))

@@ -11,9 +11,9 @@ import torch
 from transformers import GenerationConfig
 
 from qatune import export, hub, inference, scoring
-from qatune.chat import use_prompt_format
 from qatune.generation import after_answer, gguf_stop_tokens, greedy_answers, stop_tokens, until_stop
 from qatune.params import GenerateParams
+from qatune.templates import use_prompt_format
 from qatune.tiny import CHATML, build_model, build_tokenizer
 from tests.unit.test_chat_templates import FAMILIES, tokenizer_with
 

@@ -4,9 +4,9 @@ from dataclasses import replace
 
 import pytest
 
-from qatune.chat import chat_template_for_training, sft_example
 from qatune.errors import QatuneError
 from qatune.hardware import Hardware, check_quantization, select_backend, select_precision
+from qatune.templates import chat_template_for_training, sft_example
 from qatune.training import python_command
 
 
