@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from qatune.profiles import deep_merge
+from tests import warm
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -21,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The commands' environment before any test changes it: the warm stage server's (tests/warm.py).
+PRISTINE_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +101,11 @@ def project(tmp_path: Path, tiny_model_dir: Path):
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
+    env = warm.prepare(env, PRISTINE_ENV)  # DVC's `python stages/...` is forked by the warm server too
+    if warm.forkable(cmd, env):  # a stage script, forked with its libraries already imported
+        proc = warm.run_script(cmd, cwd, env)
+    else:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

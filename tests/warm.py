@@ -1,0 +1,242 @@
+"""Stage scripts run by forking a process that has already imported torch, transformers, peft and TRL.
+
+`python stages/sft.py` spends about 7 s of CPU importing those libraries before its first line runs, and the
+stage and DVC tests start several hundred such scripts. Each test worker therefore starts one server
+(`python -m tests.warm SOCKET`) that imports what the stages import (tests/stage_imports.py) and then only
+forks: a client sends it a command line, working directory, environment and its three standard streams (as
+file descriptors over a Unix socket); the forked child takes them and does what the interpreter would with the
+same command: it puts the script's folder first on sys.path, runs the script as `__main__`, and ends as a script
+ends (non-daemon threads joined, atexit handlers run, an uncaught exception printed as a traceback with status 1,
+SystemExit's code otherwise), sending the status back.
+
+Two clients: `run()` in tests/conftest.py, for `python SCRIPT.py ...` commands the tests start themselves; and a
+`python` on PATH ahead of the virtual environment's (written by `start()`), for the commands DVC starts from
+dvc.yaml. The server never runs a torch operation, so no OpenMP or tokenizer thread pool exists when it forks.
+Some libraries read environment variables when they are imported (HF_HUB_OFFLINE, WANDB_MODE, HF_HOME, ...), so
+a command is forked only when its environment, less what a shell, pytest or DVC adds (PWD, SHLVL, PYTEST_CURRENT_TEST, DVC_*), is the one the
+server started with; anything else runs as a real process. QATUNE_TEST_SUBPROCESS=1 turns the forking off.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOCKET_VAR, ENV_VAR, PYTHON_VAR = "QATUNE_WARM_SOCKET", "QATUNE_WARM_ENV", "QATUNE_WARM_PYTHON"
+# Set by a shell, pytest, or torch when something imports its compiler (the server's imports set it too).
+IGNORED = ("PWD", "OLDPWD", "SHLVL", "_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
+IGNORED += (SOCKET_VAR, ENV_VAR, PYTHON_VAR)
+
+# The `python` DVC finds first on PATH: stdlib only, started with -IS (~20 ms). A `python SCRIPT.py ...`
+# whose environment is the server's goes to the server; anything else becomes the real interpreter.
+SHIM = """#!{python} -IS
+import hashlib, json, os, socket, struct, sys
+real = os.environ["{python_var}"]
+args = sys.argv[1:]
+def same_env():
+    env = {{k: v for k, v in os.environ.items() if k not in {ignored!r} and not k.startswith("DVC_")}}
+    text = json.dumps(env, sort_keys=True).encode()
+    return hashlib.sha256(text).hexdigest() == os.environ.get("{env_var}")
+if args and args[0].endswith(".py") and not args[0].startswith("-") and same_env():
+    try:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(os.environ["{socket_var}"])
+    except OSError:
+        conn = None
+    if conn is not None:
+        msg = json.dumps({{"argv": args, "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+        socket.send_fds(conn, [struct.pack("!I", len(msg)) + msg], [0, 1, 2])
+        status = conn.recv(4)
+        os._exit(struct.unpack("!i", status)[0] if len(status) == 4 else 1)
+os.execv(real, [real, *args])
+"""
+
+
+def env_key(env: dict[str, str]) -> str:
+    kept = {k: v for k, v in env.items() if k not in IGNORED and not k.startswith("DVC_")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+class Server:
+    """This worker's fork server: its socket, the environment it started with, and the shim folder."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="qatune-warm-"))
+        self.socket = str(self.dir / "s")
+        self.bin = self.dir / "bin"
+        self.bin.mkdir()
+        shim = self.bin / "python"
+        shim.write_text(
+            SHIM.format(
+                python=sys.executable,
+                python_var=PYTHON_VAR,
+                env_var=ENV_VAR,
+                socket_var=SOCKET_VAR,
+                ignored=IGNORED,
+            )
+        )
+        shim.chmod(0o755)
+        # The commands' environment: this `python` first on PATH. The server starts with it, and its key is
+        # what a forked command's environment must have.
+        self.env = {**env, "PATH": f"{self.bin}{os.pathsep}{env['PATH']}"}
+        self.key = env_key(self.env)
+        env = self.env
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.warm", self.socket], cwd=ROOT, env=env, stdin=subprocess.DEVNULL
+        )
+        deadline = time.time() + 120
+        while not os.path.exists(self.socket):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the warm test server did not start ({self.proc.returncode})")
+            time.sleep(0.05)
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def call(self, argv: list[str], cwd: Path, env: dict[str, str], fds: list[int]) -> int:
+        msg = json.dumps({"argv": argv, "cwd": str(cwd), "env": env}).encode()
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(self.socket)
+            socket.send_fds(conn, [struct.pack("!I", len(msg)) + msg], fds)
+            status = conn.recv(4)
+        return struct.unpack("!i", status)[0] if len(status) == 4 else -signal.SIGKILL
+
+
+_server: Server | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("QATUNE_TEST_SUBPROCESS") != "1"
+
+
+def prepare(env: dict[str, str], pristine: dict[str, str]) -> dict[str, str]:
+    """`env` for a test's command: with this worker's server and its `python` first on PATH, so that DVC's
+    `python stages/...` is forked too when the environment is the server's. The server starts on first use
+    with `pristine`, the environment the tests run in before any test changes it."""
+    global _server
+    if not enabled():
+        return env
+    base = {k: v for k, v in env.items() if k not in (SOCKET_VAR, ENV_VAR, PYTHON_VAR)}
+    if _server is None:
+        _server = Server(pristine)
+    out = {**base, "PATH": f"{_server.bin}{os.pathsep}{base['PATH']}"}
+    out |= {SOCKET_VAR: _server.socket, ENV_VAR: _server.key, PYTHON_VAR: sys.executable}
+    return out
+
+
+def forkable(cmd: list[str], env: dict[str, str]) -> bool:
+    if _server is None or len(cmd) < 2 or cmd[0] != sys.executable:
+        return False
+    return cmd[1].endswith(".py") and not cmd[1].startswith("-") and env_key(env) == _server.key
+
+
+def run_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`cmd` (`python SCRIPT ARGS...`) forked by the server; what subprocess.run(capture_output, text) gives."""
+    assert _server is not None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
+        code = _server.call(cmd[1:], cwd, env, [null.fileno(), out.fileno(), err.fileno()])
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode("utf-8", errors="replace"))
+    return subprocess.CompletedProcess(cmd, code, *texts)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def _child(conn: socket.socket, request: dict, fds: list[int], imported: dict[str, str]) -> None:
+    import runpy
+    import threading
+    import traceback
+
+    for fd, target in zip((0, 1, 2), fds, strict=True):
+        os.dup2(target, fd)
+        os.close(target)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(
+        {**imported, **request["env"]}
+    )  # what the imports set, as they would have in a new process
+    script, *args = request["argv"]
+    sys.argv = [script, *args]
+    sys.path[0] = str(Path(script).resolve().parent)
+    code = 0
+    try:
+        runpy.run_path(os.path.abspath(script), run_name="__main__")  # __file__ absolute, as Python sets it
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        threading._shutdown()  # what the interpreter does at exit, before the atexit handlers
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a stream the script closed
+                stream.flush()
+        try:
+            conn.sendall(struct.pack("!i", code))
+        finally:
+            os._exit(code)
+
+
+def serve(path: str) -> None:
+    before = dict(os.environ)
+    import tests.stage_imports  # noqa: F401  (the point of the server)
+
+    imported = {k: v for k, v in os.environ.items() if before.get(k) != v}
+
+    parent = os.getppid()
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path + ".tmp")
+    os.rename(path + ".tmp", path)
+    listener.listen(16)
+    listener.settimeout(2.0)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+    while os.getppid() == parent:  # the test worker is gone: so is its server
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        conn.settimeout(None)
+        head, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+        (size,) = struct.unpack("!I", head[:4])
+        body = head[4:]
+        while len(body) < size:
+            body += conn.recv(size - len(body))
+        if os.environ.get("QATUNE_WARM_LOG"):  # which commands were forked, for a look at the savings
+            with open(os.environ["QATUNE_WARM_LOG"], "a") as log:
+                log.write(" ".join(json.loads(body)["argv"]) + "\n")
+        if os.fork() == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            listener.close()
+            _child(conn, json.loads(body), fds, imported)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
