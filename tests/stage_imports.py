@@ -7,4 +7,6 @@ import transformers  # noqa: F401
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer  # noqa: F401
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer  # noqa: F401
 
+import qatune.cli  # noqa: F401
+import qatune.inference  # noqa: F401
 import qatune.training  # noqa: F401

@@ -139,17 +139,32 @@ def prepare(env: dict[str, str], pristine: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def script_argv(cmd: list[str]) -> list[str] | None:
+    """The script and its arguments: `python SCRIPT.py ...`, or a console script of this environment (its
+    `qatune`); None for anything else."""
+    if len(cmd) >= 2 and cmd[0] == sys.executable:
+        return cmd[1:] if cmd[1].endswith(".py") and not cmd[1].startswith("-") else None
+    exe = Path(cmd[0]) if cmd else None
+    if exe and exe.parent == Path(sys.executable).parent and exe.is_file():
+        with open(exe, "rb") as f:
+            first = f.readline()
+        return cmd if first.startswith(b"#!") and b"python" in first else None
+    return None
+
+
 def forkable(cmd: list[str], env: dict[str, str]) -> bool:
-    if _server is None or len(cmd) < 2 or cmd[0] != sys.executable:
-        return False
-    return cmd[1].endswith(".py") and not cmd[1].startswith("-") and env_key(env) == _server.key
+    return _server is not None and script_argv(cmd) is not None and env_key(env) == _server.key
 
 
-def run_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`cmd` (`python SCRIPT ARGS...`) forked by the server; what subprocess.run(capture_output, text) gives."""
-    assert _server is not None
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, open(os.devnull, "rb") as null:
-        code = _server.call(cmd[1:], cwd, env, [null.fileno(), out.fileno(), err.fileno()])
+def run_script(
+    cmd: list[str], cwd: Path, env: dict[str, str], input: str | None = None
+) -> subprocess.CompletedProcess:
+    """`cmd` forked by the server; what subprocess.run(capture_output=True, text=True, input=input) gives."""
+    assert _server is not None and (argv := script_argv(cmd)) is not None
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given:
+        given.write((input or "").encode())
+        given.seek(0)
+        code = _server.call(argv, cwd, env, [given.fileno(), out.fileno(), err.fileno()])
         texts = []
         for f in (out, err):
             f.seek(0)
@@ -176,17 +191,21 @@ def _child(conn: socket.socket, request: dict, fds: list[int], imported: dict[st
     script, *args = request["argv"]
     sys.argv = [script, *args]
     sys.path[0] = str(Path(script).resolve().parent)
+    path = os.path.abspath(script)
     code = 0
     try:
-        runpy.run_path(os.path.abspath(script), run_name="__main__")  # __file__ absolute, as Python sets it
+        runpy.run_path(path, run_name="__main__")  # __file__ absolute, as Python sets it
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
         else:
             print(exc.code, file=sys.stderr)
             code = 1
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as exc:
+        tb = exc.__traceback__  # from the script's own frame on, as the interpreter prints it (no runpy)
+        while tb is not None and tb.tb_frame.f_code.co_filename != path:
+            tb = tb.tb_next
+        traceback.print_exception(type(exc), exc, tb or exc.__traceback__)
         code = 1
     try:
         threading._shutdown()  # what the interpreter does at exit, before the atexit handlers

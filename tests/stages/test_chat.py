@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests import warm
+from tests.conftest import PRISTINE_ENV, ROOT
 
 MAX_INPUT_CHARS = 200
 CHROMIUM_FLAGS = [
@@ -69,7 +70,13 @@ def qatune(
 ) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "qatune"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
+    env = {**env, "PATH": f"{exe.parent}{os.pathsep}{env['PATH']}"}
+    cmd = [str(exe), *args]
+    if not set(kwargs) - {"input"}:  # forked by the warm server when the environment is the tests' own
+        env = warm.prepare(env, PRISTINE_ENV)
+        if warm.forkable(cmd, env):
+            return warm.run_script(cmd, cwd, env, kwargs.get("input"))
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, **kwargs)
 
 
 # --------------------------------------------------------------------------- qatune ask

@@ -1,0 +1,49 @@
+"""The warm stage server (tests/warm.py) runs a script as the interpreter would: the same exit status, output,
+traceback, working directory, arguments, environment, standard input and exit handlers as a new process."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests import warm
+from tests.conftest import PRISTINE_ENV
+
+SCRIPTS = {
+    "prints": "import sys\nprint('out')\nprint('err', file=sys.stderr)\n",
+    "exit_code": "import sys\nsys.exit(3)\n",
+    "exit_message": "import sys\nsys.exit('stopped: bad input')\n",
+    "raises": "def f():\n    raise ValueError('boom')\n\nf()\n",
+    "where": (
+        "import os, sys\nprint(os.getcwd(), sys.argv[1:], os.environ.get('HF_HUB_OFFLINE'))\n"
+        "print(__name__, os.path.basename(__file__), os.path.isabs(__file__), os.path.basename(sys.path[0]))\n"
+    ),
+    "stdin": "import sys\nprint(sys.stdin.read().upper())\n",
+    "at_exit": "import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
+    "threading.Thread(target=lambda: (time.sleep(0.2), print('thread joined'))).start()\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_a_forked_script_behaves_as_a_new_process(name, tmp_path):
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(SCRIPTS[name])
+    cmd = [sys.executable, f"scripts/{name}.py", "a", "b c"]
+    env = warm.prepare(dict(PRISTINE_ENV), PRISTINE_ENV)
+    assert warm.forkable(cmd, env)
+    given = "some input\n" if name == "stdin" else None
+    forked = warm.run_script(cmd, tmp_path, env, given)
+    real = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, input=given or "")
+    assert (forked.returncode, forked.stdout, forked.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode or real.stdout or real.stderr  # each script shows something
+
+
+def test_another_environment_is_a_real_process(tmp_path):
+    env = warm.prepare(dict(PRISTINE_ENV), PRISTINE_ENV)
+    assert not warm.forkable([sys.executable, "x.py"], {**env, "HF_HOME": str(tmp_path)})
+    assert not warm.forkable([sys.executable, "-m", "dvc", "repro"], env)
+    assert not warm.forkable(["git", "status"], env)
+    # DVC's commands reach the server through the `python` first on PATH
+    assert env["PATH"].split(os.pathsep)[0] == str(warm._server.bin)
