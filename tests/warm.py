@@ -118,6 +118,7 @@ class Server:
 
 
 _server: Server | None = None
+_failed = False
 
 
 def enabled() -> bool:
@@ -128,12 +129,17 @@ def prepare(env: dict[str, str], pristine: dict[str, str]) -> dict[str, str]:
     """`env` for a test's command: with this worker's server and its `python` first on PATH, so that DVC's
     `python stages/...` is forked too when the environment is the server's. The server starts on first use
     with `pristine`, the environment the tests run in before any test changes it."""
-    global _server
-    if not enabled():
+    global _server, _failed
+    if not enabled() or _failed:
         return env
     base = {k: v for k, v in env.items() if k not in (SOCKET_VAR, ENV_VAR, PYTHON_VAR)}
     if _server is None:
-        _server = Server(pristine)
+        try:
+            _server = Server(pristine)
+        except RuntimeError as err:  # every command then runs as a new process: slower, the same results
+            print(f"tests/warm.py: {err}; running scripts as new processes", file=sys.stderr)
+            _failed = True
+            return env
     out = {**base, "PATH": f"{_server.bin}{os.pathsep}{base['PATH']}"}
     out |= {SOCKET_VAR: _server.socket, ENV_VAR: _server.key, PYTHON_VAR: sys.executable}
     return out
