@@ -190,6 +190,60 @@ def preference_config(cfg, common: dict):
     )
 
 
+def build_trainer(params, hw: hardware.Hardware, model, tokenizer, peft_config, sets: dict, checkpoints: str):
+    """TRL's DPOTrainer (KTOTrainer for dpo.method kto) with the run's config, training with the LM head chosen
+    for this machine, and the LoRA weights kept in float32."""
+    from trl import DPOTrainer, KTOTrainer
+
+    cfg = params.dpo
+    common = {
+        **training.trainer_args(params.train, cfg, hw, params.seed, checkpoints),
+        "beta": params.beta,
+        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
+        "precompute_ref_batch_size": cfg.precompute_ref_batch_size,
+    }
+    Trainer = KTOTrainer if cfg.method == "kto" else DPOTrainer
+    with lm_head.in_trl_trainers(hw.lm_head):
+        trainer = Trainer(
+            model=model,
+            ref_model=None,
+            args=preference_config(cfg, common),
+            train_dataset=sets["train"],
+            eval_dataset=sets["val"],
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=training.callbacks(params.train, cfg, "dpo", hw),
+        )
+    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
+    return trainer
+
+
+def stage_metrics(
+    trainer, run: training.Run, params, hw: hardware.Hardware, memory, examples: dict, on_policy: dict
+):
+    """metrics/dpo.json: the method and reference, the run and its memory plan, the data's sizes, the last
+    logged rewards and the validation pairs scored before and after."""
+    cfg = params.dpo
+    logged = [e for e in trainer.state.log_history if "rewards/margins" in e]
+    return {
+        "method": cfg.method,
+        "enabled": True,
+        "loss_type": list(cfg.loss_type),
+        "loss_weights": cfg.loss_weights,
+        "reference": "sft" if params.sft.enabled else "base",
+        **training.run_metrics(trainer, run, hw),
+        "memory_plan": memory.record(),
+        "beta": params.beta,
+        # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
+        ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
+        ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
+        **on_policy,
+        "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
+        "eval_before": training.eval_summary(run.before),
+        "eval": training.eval_summary(run.after),
+    }
+
+
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
     parser = training.stage_parser(__doc__, "dpo")
@@ -215,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
         raise QatuneError(f"{args.params}: dpo.method kto: {blocker}")
     modeling.import_backend(hw.backend)
     from datasets import Dataset
-    from trl import DPOTrainer, KTOTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
     # the tokenizer gets the training template; `published`, the model's own, goes out with the adapter
@@ -235,26 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = training.prepare_checkpoints(Path(args.checkpoints), inputs.fingerprint())
 
     # ---- trainer
-    common = {
-        **training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),
-        "beta": params.beta,
-        "precompute_ref_log_probs": cfg.precompute_ref_log_probs,
-        "precompute_ref_batch_size": cfg.precompute_ref_batch_size,
-    }
-    config = preference_config(cfg, common)
-    Trainer = KTOTrainer if cfg.method == "kto" else DPOTrainer
-    with lm_head.in_trl_trainers(hw.lm_head):
-        trainer = Trainer(
-            model=model,
-            ref_model=None,
-            args=config,
-            train_dataset=sets["train"],
-            eval_dataset=sets["val"],
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=training.callbacks(train, cfg, "dpo", hw),
-        )
-    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
+    trainer = build_trainer(params, hw, model, tokenizer, peft_config, sets, args.checkpoints)
 
     # ---- train, with the same validation pairs scored before (policy = reference) and after (a finished run:
     # taken over as it is)
@@ -263,24 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
     # ---- outputs
-    logged = [e for e in trainer.state.log_history if "rewards/margins" in e]
-    metrics = {
-        "method": cfg.method,
-        "enabled": True,
-        "loss_type": list(cfg.loss_type),
-        "loss_weights": cfg.loss_weights,
-        "reference": "sft" if params.sft.enabled else "base",
-        **training.run_metrics(trainer, run, hw),
-        "memory_plan": memory.record(),
-        "beta": params.beta,
-        # pairs (dpo) or single labelled answers (kto) trained on, and scored on val
-        ("pairs" if cfg.method == "dpo" else "answers"): len(examples["train"]),
-        ("val_pairs" if cfg.method == "dpo" else "val_answers"): len(examples["val"]),
-        **on_policy,
-        "train": {k: (logged[-1] if logged else {}).get(k) for k in TABLE},
-        "eval_before": training.eval_summary(run.before),
-        "eval": training.eval_summary(run.after),
-    }
+    metrics = stage_metrics(trainer, run, params, hw, memory, examples, on_policy)
     record = {"stage": "dpo", **inputs.record(), "sft_adapter": args.sft if params.sft.enabled else None}
     record["quantization"] = modeling.quantization_record(model, train, hw.backend)
     training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)

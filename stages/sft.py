@@ -55,6 +55,54 @@ def training_examples(data: Path, train, cfg, loss_mode: str, kwargs: dict | Non
     }
 
 
+def build_trainer(params, hw: hardware.Hardware, model, tokenizer, peft_config, sets: dict, checkpoints: str):
+    """TRL's SFTTrainer with the run's config (the loss on assistant tokens where the rows are conversations,
+    length-grouped batches), training with the LM head chosen for this machine, LoRA weights in float32."""
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = params.sft
+    config = SFTConfig(
+        **training.trainer_args(params.train, cfg, hw, params.seed, checkpoints),
+        packing=cfg.packing,
+        padding_free=cfg.padding_free,
+        assistant_only_loss="messages" in sets["train"].column_names,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+    )
+    with lm_head.in_trl_trainers(hw.lm_head):
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=sets["train"],
+            eval_dataset=sets["val"],
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=training.callbacks(params.train, cfg, "sft", hw),
+        )
+    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
+    return trainer
+
+
+def stage_metrics(
+    trainer, run: training.Run, cfg, hw: hardware.Hardware, memory, examples: dict, loss_mode: str
+):
+    """metrics/sft.json: the run and its memory plan, the rows and real tokens trained, the throughput, and the
+    validation rows scored before and after (with seed 002's perplexity)."""
+    real_tokens = training.count_real_tokens(trainer.train_dataset)
+    epochs = trainer.state.epoch or cfg.epochs
+    return {
+        "method": "sft",
+        **training.run_metrics(trainer, run, hw),
+        "memory_plan": memory.record(),
+        "loss_mode": loss_mode,
+        "train_rows": len(examples["train"]),
+        "val_rows": len(examples["val"]),
+        "train_tokens_per_epoch": real_tokens,
+        "tokens_per_s": round(real_tokens * epochs / run.runtime, 1) if run.runtime > 0 else None,
+        "eval_before": training.eval_summary(run.before, perplexity=True),
+        "eval": training.eval_summary(run.after, perplexity=True),
+    }
+
+
 @fail_cleanly
 def main(argv: list[str] | None = None) -> None:
     args = training.stage_parser(__doc__, "sft").parse_args(argv)
@@ -73,7 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     memory = plan.training("sft", arch, train, cfg, plan.machine(hw)).require()
     modeling.import_backend(hw.backend)
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     model, tokenizer = modeling.load_base(str(require(args.model, "base model")), train, hw, cfg.max_length)
     # the tokenizer gets the training template; `published`, the model's own, goes out with the adapter
@@ -90,33 +137,16 @@ def main(argv: list[str] | None = None) -> None:
     resume = training.prepare_checkpoints(Path(args.checkpoints), inputs.fingerprint())
 
     # ---- trainer
-    config = SFTConfig(
-        **training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),
-        packing=cfg.packing,
-        padding_free=cfg.padding_free,
-        assistant_only_loss="messages" in sets["train"].column_names,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
-    )
     if hw.backend == "unsloth":
         model, peft_config = modeling.unsloth_peft(model, train, params.seed), None
     else:
         peft_config = modeling.lora_config(train)
-    with lm_head.in_trl_trainers(hw.lm_head):
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=sets["train"],
-            eval_dataset=sets["val"],
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=training.callbacks(train, cfg, "sft", hw),
-        )
+    trainer = build_trainer(params, hw, model, tokenizer, peft_config, sets, args.checkpoints)
     if len(trainer.train_dataset) == 0:
         raise QatuneError(
             f"{data / 'train.jsonl'}: no training rows left after tokenising (every answer was cut off "
             f"by sft.max_length={cfg.max_length}); raise sft.max_length"
         )
-    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
 
     # ---- train, with the same validation rows scored before and after (a finished run: taken over as it is)
     run = training.evaluate_train_evaluate(trainer, Path(args.checkpoints), resume)
@@ -124,20 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         return training.save_on_every_rank(trainer, Path(args.out))  # FSDP gathers the adapter
 
     # ---- outputs
-    real_tokens = training.count_real_tokens(trainer.train_dataset)
-    epochs = trainer.state.epoch or cfg.epochs
-    metrics = {
-        "method": "sft",
-        **training.run_metrics(trainer, run, hw),
-        "memory_plan": memory.record(),
-        "loss_mode": loss_mode,
-        "train_rows": len(examples["train"]),
-        "val_rows": len(examples["val"]),
-        "train_tokens_per_epoch": real_tokens,
-        "tokens_per_s": round(real_tokens * epochs / run.runtime, 1) if run.runtime > 0 else None,
-        "eval_before": training.eval_summary(run.before, perplexity=True),
-        "eval": training.eval_summary(run.after, perplexity=True),
-    }
+    metrics = stage_metrics(trainer, run, cfg, hw, memory, examples, loss_mode)
     record = {"stage": "sft", **inputs.record()}
     record["quantization"] = modeling.quantization_record(model, train, hw.backend)
     training.save_run(trainer, tokenizer, args, metrics, curves=CURVES, template=published, record=record)

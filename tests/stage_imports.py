@@ -1,5 +1,5 @@
-"""What the stage scripts import, imported once in the test workers' fork server (tests/warm.py). Only a head
-start: a name one library version lacks is imported by the stage itself, as in a new process."""
+"""The libraries the stage scripts import, imported once in the test workers' fork server (tests/warm.py). Only
+a head start: a name one library version lacks is imported by the stage itself, as in a new process."""
 
 import contextlib
 import importlib
@@ -17,6 +17,5 @@ for module, names in {
         with contextlib.suppress(ImportError, AttributeError):
             getattr(importlib.import_module(module), attribute)  # the lazy modules import on first access
 
-import qatune.cli  # noqa: E402, F401
-import qatune.inference  # noqa: E402, F401
-import qatune.training  # noqa: E402, F401
+# No qatune module: a stage's provenance digests the qatune modules it has imported (code_digest), so each
+# script imports its own, as in a new process.

@@ -20,6 +20,8 @@ SCRIPTS = {
         "print(__name__, os.path.basename(__file__), os.path.isabs(__file__), os.path.basename(sys.path[0]))\n"
     ),
     "stdin": "import sys\nprint(sys.stdin.read().upper())\n",
+    # a stage's provenance digests the qatune modules it imported: the server must have imported none
+    "qatune_modules": "import sys\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'qatune'))\n",
     "at_exit": "import atexit, threading, time\natexit.register(lambda: print('atexit ran'))\n"
     "threading.Thread(target=lambda: (time.sleep(0.2), print('thread joined'))).start()\n",
 }

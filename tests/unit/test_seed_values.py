@@ -382,10 +382,10 @@ def test_the_stages_build_their_configs_as_stage_config_does():
     the real run saved)."""
     sft = (ROOT / "stages/sft.py").read_text()
     dpo = (ROOT / "stages/dpo.py").read_text()
-    call = "**training.trainer_args(train, cfg, hw, params.seed, args.checkpoints),"
+    call = "**training.trainer_args(params.train, cfg, hw, params.seed, checkpoints),"
     assert f"config = SFTConfig(\n        {call}" in sft
     assert f'common = {{\n        {call}\n        "beta": params.beta,' in dpo
-    assert "return DPOConfig(\n        **common," in dpo and "config = preference_config(cfg, common)" in dpo
+    assert "return DPOConfig(\n        **common," in dpo and "args=preference_config(cfg, common)," in dpo
 
 
 def test_seed_002_trains_response_j_and_never_response_k():
