@@ -23,8 +23,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# The commands' environment before any test changes it: the warm stage server's (tests/warm.py).
-PRISTINE_ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +100,7 @@ def project(tmp_path: Path, tiny_model_dir: Path):
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env = warm.prepare(env, PRISTINE_ENV)  # DVC's `python stages/...` is forked by the warm server too
+    env = warm.prepare(env)  # DVC's `python stages/...` is forked by the warm server too
     if warm.forkable(cmd, env):  # a stage script, forked with its libraries already imported
         proc = warm.run_script(cmd, cwd, env)
     else:

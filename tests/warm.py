@@ -1,20 +1,21 @@
 """Stage scripts run by forking a process that has already imported torch, transformers, peft and TRL.
 
 `python stages/sft.py` spends about 7 s of CPU importing those libraries before its first line runs, and the
-stage and DVC tests start several hundred such scripts. Each test worker therefore starts one server
-(`python -m tests.warm SOCKET`) that imports what the stages import (tests/stage_imports.py) and then only
-forks: a client sends it a command line, working directory, environment and its three standard streams (as
-file descriptors over a Unix socket); the forked child takes them and does what the interpreter would with the
-same command: it puts the script's folder first on sys.path, runs the script as `__main__`, and ends as a script
-ends (non-daemon threads joined, atexit handlers run, an uncaught exception printed as a traceback with status 1,
-SystemExit's code otherwise), sending the status back.
+stage and DVC tests start several hundred such scripts. A test worker therefore keeps a fork server
+(`python -m tests.warm SOCKET`) that has imported the libraries the stages import (tests/stage_imports.py) and
+then only forks: a client sends it a command line, working directory, environment and its three standard
+streams (as file descriptors over a Unix socket); the forked child takes them and does what the interpreter
+would with the same command: it puts the script's folder first on sys.path, runs the script as `__main__`, and
+ends as a script ends (non-daemon threads joined, atexit handlers run, an uncaught exception printed as a
+traceback with status 1, SystemExit's code otherwise), sending the status back.
 
-Two clients: `run()` in tests/conftest.py, for `python SCRIPT.py ...` commands the tests start themselves; and a
-`python` on PATH ahead of the virtual environment's (written by `start()`), for the commands DVC starts from
-dvc.yaml. The server never runs a torch operation, so no OpenMP or tokenizer thread pool exists when it forks.
-Some libraries read environment variables when they are imported (HF_HUB_OFFLINE, WANDB_MODE, HF_HOME, ...), so
-a command is forked only when its environment, less what a shell, pytest or DVC adds (PWD, SHLVL, PYTEST_CURRENT_TEST, DVC_*), is the one the
-server started with; anything else runs as a real process. QATUNE_TEST_SUBPROCESS=1 turns the forking off.
+Two clients: `run()` in tests/conftest.py (and `qatune` in the chat tests), for the commands tests start
+themselves; and a `python` first on PATH (`shim_dir()`), for the commands DVC starts from dvc.yaml. The server
+never runs a torch operation, so no OpenMP or tokenizer thread pool exists when it forks, and it imports no
+qatune module, so a stage's code digest covers what the stage imported. Libraries read some variables when they
+are imported (HF_HUB_OFFLINE, WANDB_MODE, HF_HOME, ...), so each environment, less what a shell, pytest or DVC
+adds (PWD, SHLVL, PYTEST_CURRENT_TEST, DVC_*), has its own server, started in it on first use (at most
+MAX_SERVERS per worker). QATUNE_TEST_SUBPROCESS=1 turns the forking off.
 """
 
 from __future__ import annotations
@@ -69,36 +70,49 @@ def env_key(env: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
+MAX_SERVERS = 2  # per test worker, each ~0.6 GB: the tests' environment and the latest other one
+
+
+def _write_shim(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "python"
+    shim.write_text(
+        SHIM.format(
+            python=sys.executable,
+            python_var=PYTHON_VAR,
+            env_var=ENV_VAR,
+            socket_var=SOCKET_VAR,
+            ignored=IGNORED,
+        )
+    )
+    shim.chmod(0o755)
+    return folder
+
+
+_bin: Path | None = None
+
+
+def shim_dir() -> Path:
+    """This worker's folder with the `python` shim, first on the commands' PATH."""
+    global _bin
+    if _bin is None:
+        _bin = _write_shim(Path(tempfile.mkdtemp(prefix="qatune-warm-")) / "bin")
+    return _bin
+
+
 class Server:
-    """This worker's fork server: its socket, the environment it started with, and the shim folder."""
+    """A fork server for one environment: its socket and process."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="qatune-warm-"))
         self.socket = str(self.dir / "s")
-        self.bin = self.dir / "bin"
-        self.bin.mkdir()
-        shim = self.bin / "python"
-        shim.write_text(
-            SHIM.format(
-                python=sys.executable,
-                python_var=PYTHON_VAR,
-                env_var=ENV_VAR,
-                socket_var=SOCKET_VAR,
-                ignored=IGNORED,
-            )
-        )
-        shim.chmod(0o755)
-        # The commands' environment: this `python` first on PATH. The server starts with it, and its key is
-        # what a forked command's environment must have.
-        self.env = {**env, "PATH": f"{self.bin}{os.pathsep}{env['PATH']}"}
-        self.key = env_key(self.env)
-        env = self.env
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.warm", self.socket], cwd=ROOT, env=env, stdin=subprocess.DEVNULL
         )
         deadline = time.time() + 120
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.time() > deadline:
+                self.close()
                 raise RuntimeError(f"the warm test server did not start ({self.proc.returncode})")
             time.sleep(0.05)
         atexit.register(self.close)
@@ -117,7 +131,7 @@ class Server:
         return struct.unpack("!i", status)[0] if len(status) == 4 else -signal.SIGKILL
 
 
-_server: Server | None = None
+_servers: dict[str, Server] = {}  # by env_key, least recently used first
 _failed = False
 
 
@@ -125,24 +139,28 @@ def enabled() -> bool:
     return os.environ.get("QATUNE_TEST_SUBPROCESS") != "1"
 
 
-def prepare(env: dict[str, str], pristine: dict[str, str]) -> dict[str, str]:
-    """`env` for a test's command: with this worker's server and its `python` first on PATH, so that DVC's
-    `python stages/...` is forked too when the environment is the server's. The server starts on first use
-    with `pristine`, the environment the tests run in before any test changes it."""
-    global _server, _failed
+def prepare(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a test's command, with a server for exactly that environment (started on first use, the least
+    recently used one closed beyond MAX_SERVERS) and its `python` first on PATH, so that DVC's
+    `python stages/...` is forked too."""
+    global _failed
     if not enabled() or _failed:
         return env
     base = {k: v for k, v in env.items() if k not in (SOCKET_VAR, ENV_VAR, PYTHON_VAR)}
-    if _server is None:
+    out = {**base, "PATH": f"{shim_dir()}{os.pathsep}{base['PATH']}"}
+    key = env_key(out)
+    server = _servers.pop(key, None)
+    if server is None:
+        while len(_servers) >= MAX_SERVERS:
+            _servers.pop(next(iter(_servers))).close()
         try:
-            _server = Server(pristine)
+            server = Server(out)
         except RuntimeError as err:  # every command then runs as a new process: slower, the same results
             print(f"tests/warm.py: {err}; running scripts as new processes", file=sys.stderr)
             _failed = True
             return env
-    out = {**base, "PATH": f"{_server.bin}{os.pathsep}{base['PATH']}"}
-    out |= {SOCKET_VAR: _server.socket, ENV_VAR: _server.key, PYTHON_VAR: sys.executable}
-    return out
+    _servers[key] = server
+    return out | {SOCKET_VAR: server.socket, ENV_VAR: key, PYTHON_VAR: sys.executable}
 
 
 def script_argv(cmd: list[str]) -> list[str] | None:
@@ -159,18 +177,19 @@ def script_argv(cmd: list[str]) -> list[str] | None:
 
 
 def forkable(cmd: list[str], env: dict[str, str]) -> bool:
-    return _server is not None and script_argv(cmd) is not None and env_key(env) == _server.key
+    return script_argv(cmd) is not None and env.get(ENV_VAR) in _servers and env_key(env) == env[ENV_VAR]
 
 
 def run_script(
     cmd: list[str], cwd: Path, env: dict[str, str], input: str | None = None
 ) -> subprocess.CompletedProcess:
     """`cmd` forked by the server; what subprocess.run(capture_output=True, text=True, input=input) gives."""
-    assert _server is not None and (argv := script_argv(cmd)) is not None
+    server, argv = _servers[env[ENV_VAR]], script_argv(cmd)
+    assert argv is not None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as given:
         given.write((input or "").encode())
         given.seek(0)
-        code = _server.call(argv, cwd, env, [given.fileno(), out.fileno(), err.fileno()])
+        code = server.call(argv, cwd, env, [given.fileno(), out.fileno(), err.fileno()])
         texts = []
         for f in (out, err):
             f.seek(0)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests import warm
-from tests.conftest import PRISTINE_ENV, ROOT
+from tests.conftest import ROOT
 
 MAX_INPUT_CHARS = 200
 CHROMIUM_FLAGS = [
@@ -73,7 +73,7 @@ def qatune(
     env = {**env, "PATH": f"{exe.parent}{os.pathsep}{env['PATH']}"}
     cmd = [str(exe), *args]
     if not set(kwargs) - {"input"}:  # forked by the warm server when the environment is the tests' own
-        env = warm.prepare(env, PRISTINE_ENV)
+        env = warm.prepare(env)
         if warm.forkable(cmd, env):
             return warm.run_script(cmd, cwd, env, kwargs.get("input"))
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, **kwargs)

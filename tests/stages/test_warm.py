@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from tests import warm
-from tests.conftest import PRISTINE_ENV
 
 SCRIPTS = {
     "prints": "import sys\nprint('out')\nprint('err', file=sys.stderr)\n",
@@ -33,7 +32,7 @@ def test_a_forked_script_behaves_as_a_new_process(name, tmp_path):
     folder.mkdir()
     (folder / f"{name}.py").write_text(SCRIPTS[name])
     cmd = [sys.executable, f"scripts/{name}.py", "a", "b c"]
-    env = warm.prepare(dict(PRISTINE_ENV), PRISTINE_ENV)
+    env = warm.prepare(dict(os.environ))
     assert warm.forkable(cmd, env)
     given = "some input\n" if name == "stdin" else None
     forked = warm.run_script(cmd, tmp_path, env, given)
@@ -42,10 +41,17 @@ def test_a_forked_script_behaves_as_a_new_process(name, tmp_path):
     assert real.returncode or real.stdout or real.stderr  # each script shows something
 
 
-def test_another_environment_is_a_real_process(tmp_path):
-    env = warm.prepare(dict(PRISTINE_ENV), PRISTINE_ENV)
+def test_each_environment_has_its_own_server(tmp_path):
+    """Libraries read some variables when imported: a command with another environment is forked by a server
+    started in that environment, never by one whose libraries were imported under other values."""
+    env = warm.prepare(dict(os.environ))
+    assert warm.forkable([sys.executable, "x.py"], env)
     assert not warm.forkable([sys.executable, "x.py"], {**env, "HF_HOME": str(tmp_path)})
     assert not warm.forkable([sys.executable, "-m", "dvc", "repro"], env)
     assert not warm.forkable(["git", "status"], env)
-    # DVC's commands reach the server through the `python` first on PATH
-    assert env["PATH"].split(os.pathsep)[0] == str(warm._server.bin)
+    other = warm.prepare({**os.environ, "HF_HOME": str(tmp_path)})
+    assert warm.forkable([sys.executable, "x.py"], other) and other[warm.SOCKET_VAR] != env[warm.SOCKET_VAR]
+    (tmp_path / "x.py").write_text("import huggingface_hub.constants as c\nprint(c.HF_HOME)\n")
+    assert warm.run_script([sys.executable, "x.py"], tmp_path, other).stdout.strip() == str(tmp_path)
+    # DVC's commands reach a server through the `python` first on PATH
+    assert env["PATH"].split(os.pathsep)[0] == other["PATH"].split(os.pathsep)[0] == str(warm.shim_dir())
