@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qatune import compat, hardware, lm_head, modeling, plan, training
+from qatune import compat, hardware, modeling, plan, training
 from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.facts import check
 from qatune.focus import fact_rows, focus_first, harmful_requests
@@ -203,19 +203,10 @@ def build_trainer(params, hw: hardware.Hardware, model, tokenizer, peft_config, 
         "precompute_ref_batch_size": cfg.precompute_ref_batch_size,
     }
     Trainer = KTOTrainer if cfg.method == "kto" else DPOTrainer
-    with lm_head.in_trl_trainers(hw.lm_head):
-        trainer = Trainer(
-            model=model,
-            ref_model=None,
-            args=preference_config(cfg, common),
-            train_dataset=sets["train"],
-            eval_dataset=sets["val"],
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=training.callbacks(params.train, cfg, "dpo", hw),
-        )
-    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
-    return trainer
+    config = preference_config(cfg, common)
+    return training.build_trainer(
+        Trainer, config, model, tokenizer, peft_config, sets, "dpo", params.train, cfg, hw, ref_model=None
+    )
 
 
 def stage_metrics(

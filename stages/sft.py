@@ -17,7 +17,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from qatune import hardware, lm_head, modeling, plan, training
+from qatune import hardware, modeling, plan, training
 from qatune.errors import QatuneError, fail_cleanly, require
 from qatune.focus import focus_first
 from qatune.io import read_jsonl, write_json
@@ -68,18 +68,9 @@ def build_trainer(params, hw: hardware.Hardware, model, tokenizer, peft_config, 
         assistant_only_loss="messages" in sets["train"].column_names,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
     )
-    with lm_head.in_trl_trainers(hw.lm_head):
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=sets["train"],
-            eval_dataset=sets["val"],
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=training.callbacks(params.train, cfg, "sft", hw),
-        )
-    training.trainable_to_float32(trainer.model)  # TRL casts a quantised model's LoRA weights to bf16
-    return trainer
+    return training.build_trainer(
+        SFTTrainer, config, model, tokenizer, peft_config, sets, "sft", params.train, cfg, hw
+    )
 
 
 def stage_metrics(

@@ -198,6 +198,27 @@ def partial_checkpointing(share: float):
     return PartialCheckpointing()
 
 
+def build_trainer(
+    trainer_class, config, model, tokenizer, peft_config, sets: dict, block: str, train, cfg, hw, **extra
+):
+    """A TRL trainer as the sft and dpo stages build it: their train and val sets, the stage's callbacks, this
+    machine's LM head patched in while TRL builds it (lm_head.in_trl_trainers), and the LoRA weights kept in
+    float32 after it (TRL casts a quantised model's LoRA weights to bf16)."""
+    with lm_head.in_trl_trainers(hw.lm_head):
+        trainer = trainer_class(
+            model=model,
+            args=config,
+            train_dataset=sets["train"],
+            eval_dataset=sets["val"],
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks(train, cfg, block, hw),
+            **extra,
+        )
+    trainable_to_float32(trainer.model)
+    return trainer
+
+
 def trainable_to_float32(model) -> int:
     """Cast every trainable parameter to float32; returns how many were not.
 

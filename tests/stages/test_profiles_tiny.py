@@ -210,13 +210,14 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
 
 def after_training(proj: Path, params, want_template: str | None) -> None:
     """score@{base,sft,final}, evaluate, merge and one `qatune ask`, with the commands dvc.yaml runs."""
-    for name, adapter, generate in [("base", "models/base", True), ("sft", "models/sft", False)] + [
-        ("final", "models/dpo", True)
-    ]:
-        cmd = ["stages/score.py", "--model", "models/base", "--adapter", adapter, "--name", name]
-        cmd += ["--data", "data/split", "--out", f"data/scores/{name}.json"] + (
-            ["--generate"] if generate else []
-        )
+    scored = {
+        "base": ("models/base", ["--generate"]),
+        "sft": ("models/sft", []),
+        "final": ("models/dpo", ["--generate"]),
+    }
+    for name, (adapter, generate) in models.items():
+        cmd = ["stages/score.py", "--model", "models/base", "--adapter", adapter, "--name", name, *generate]
+        cmd += ["--data", "data/split", "--out", f"data/scores/{name}.json"]
         run([sys.executable, *cmd], proj)
     final = json.loads((proj / "data/scores/final.json").read_text())
     scored = final["sets"]["test"]  # the held-out set, whichever split (evaluate.split) it came from

@@ -385,7 +385,7 @@ def test_the_stages_build_their_configs_as_stage_config_does():
     call = "**training.trainer_args(params.train, cfg, hw, params.seed, checkpoints),"
     assert f"config = SFTConfig(\n        {call}" in sft
     assert f'common = {{\n        {call}\n        "beta": params.beta,' in dpo
-    assert "return DPOConfig(\n        **common," in dpo and "args=preference_config(cfg, common)," in dpo
+    assert "return DPOConfig(\n        **common," in dpo and "config = preference_config(cfg, common)" in dpo
 
 
 def test_seed_002_trains_response_j_and_never_response_k():
