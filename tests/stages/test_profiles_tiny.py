@@ -210,7 +210,7 @@ def test_seed_profile_runs_its_own_values_on_a_tiny_model_of_its_family(seed, pr
 
 def after_training(proj: Path, params, want_template: str | None) -> None:
     """score@{base,sft,final}, evaluate, merge and one `qatune ask`, with the commands dvc.yaml runs."""
-    scored = {
+    models = {
         "base": ("models/base", ["--generate"]),
         "sft": ("models/sft", []),
         "final": ("models/dpo", ["--generate"]),
