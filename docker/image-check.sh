@@ -7,7 +7,7 @@
 #   4. inside it, on a scratch copy of this repository mounted at /app: `qatune --help`,
 #      `dvc repro check-params fetch clean split` of the embedded default (their outputs, the converted base
 #      model included, must be what dvc.lock records: docker/lock_reproduced.py), and one training stage
-#      (sft) on a tiny random model (python -m qatune.tiny) through `dvc exp run`.
+#      (sft) on a tiny random model (python -m tests.tiny, from the mounted repository) through `dvc exp run`.
 # Env: CONTAINER_ENGINE, IMAGE (default qatune), BASE_IMAGE (default debian:bookworm-slim), MAKE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ git -C "$work/repo" -c user.email=ci@qatune.invalid -c user.name="qatune image c
   # A fresh clone reproduces what dvc.lock records for these stages (the converted base model included)
   python docker/lock_reproduced.py check-params fetch clean split
   python -c "import json; c = json.load(open(\"metrics/clean.json\")); print(\"clean:\", {k: c[k] for k in list(c)[:4]})"
-  python -m qatune.tiny /tmp/tiny --family llama >/dev/null
+  python -m tests.tiny /tmp/tiny --family llama >/dev/null
   dvc exp run --name tiny-sft -S base_model.source=/tmp/tiny -S hub.base_model_id=qatune-tests/tiny-random-llama \
     -S "train.system_prompt=Be safe." -S sft.enabled=true -S sft.max_steps=2 -S sft.batch_size=2 -S sft.grad_accum=1 \
     -S sft.eval_steps=2 -S sft.save_steps=2 -S sft.eval_rows=4 -S sft.logging_steps=1 -S sft.optim=adamw_torch \

@@ -27,7 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from qatune.tiny import save_tiny
+    from tests.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama")
 

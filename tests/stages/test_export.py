@@ -2,7 +2,7 @@
 
 A tiny random Llama with SmolLM2's own tokenizer and chat template (read from the bundled GGUF) stands in
 for the merged model: the converter knows that tokenizer, so the whole path runs in seconds. A tiny model
-with qatune.tiny's in-process BPE tokenizer is one the converter does not know: the stage must say so in one
+with tests.tiny's in-process BPE tokenizer is one the converter does not know: the stage must say so in one
 line and succeed without files.
 """
 
@@ -20,8 +20,8 @@ from tests.conftest import ROOT
 
 
 def tiny_llama(out: Path, tokenizer) -> Path:
-    """qatune.tiny's random 2-layer Llama, sized to this tokenizer."""
-    from qatune.tiny import build_model
+    """tests.tiny's random 2-layer Llama, sized to this tokenizer."""
+    from tests.tiny import build_model
 
     build_model(tokenizer, "llama").save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -88,7 +88,7 @@ def test_a_file_over_its_tolerance_fails_in_one_line(tmp_path, smollm2_tokenizer
 
 
 def test_a_model_the_converter_does_not_know_is_skipped_in_one_line(tmp_path):
-    from qatune.tiny import save_tiny
+    from tests.tiny import save_tiny
 
     merged = save_tiny(
         tmp_path / "merged", "llama"

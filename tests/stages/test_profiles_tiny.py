@@ -30,11 +30,12 @@ from transformers import AutoTokenizer
 from trl import chat_template_utils as trl_templates
 
 from qatune import training
-from qatune.profiles import SEEDS, flatten, resolve
+from qatune.profiles import flatten, resolve
 from qatune.provenance import PROVENANCE_FILE
 from qatune.templates import is_plain
-from qatune.tiny import save_tiny
 from tests.conftest import FIXTURES, ROOT, run
+from tests.seeds import SEEDS
+from tests.tiny import save_tiny
 
 # mistralai/Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template.
 MISTRAL_V01 = (

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from qatune.clean import clean_rows
-from qatune.datacard import CARD, load, render
 from qatune.formats import dedup_key
+from scripts.datacard import CARD, load, render
 
 ROWS = load()
 FLAWS = {
@@ -123,7 +123,7 @@ def test_rejected_answers_are_often_as_long_as_the_chosen_ones_in_every_topic():
 def test_yes_and_no_openings_do_not_tell_chosen_from_rejected():
     """Harmful requests' refusals open with no and their rejected answers with yes; elsewhere the balance must go
     the other way often enough that "start with no" is not a shortcut to the chosen answer."""
-    from qatune.datacard import opens
+    from scripts.datacard import opens
 
     assert opens(ROWS, "chosen", "yes") >= opens(ROWS, "chosen", "no")
     assert opens(ROWS, "rejected", "no") >= 0.5 * opens(ROWS, "rejected", "yes")
@@ -133,7 +133,7 @@ def test_yes_and_no_openings_do_not_tell_chosen_from_rejected():
 
 def test_card_numbers_match_the_file():
     text = CARD.read_text(encoding="utf-8")
-    assert render(text, ROWS) == text, "DATA_CARD.md is stale: run python -m qatune.datacard"
+    assert render(text, ROWS) == text, "DATA_CARD.md is stale: run python scripts/datacard.py"
     assert f"**{len(ROWS)} records**" in text
 
 

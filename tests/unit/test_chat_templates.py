@@ -21,7 +21,7 @@ from qatune.templates import (
     use_prompt_format,
     use_training_template,
 )
-from qatune.tiny import CHATML, build_tokenizer
+from tests.tiny import CHATML, build_tokenizer
 
 FAMILIES = {
     "qwen2.5": ("qwen2", trl_templates.qwen2_5_chat_template),

@@ -206,7 +206,7 @@ def test_history_keeps_only_the_last_turns():
 
 
 def test_the_prompt_renders_with_the_chat_template():
-    from qatune.tiny import build_tokenizer
+    from tests.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     text = tokenizer.apply_chat_template(

@@ -69,7 +69,7 @@ def test_no_direction_kept_without_grad():
 def tiny_lora():
     from peft import LoraConfig, get_peft_model
 
-    from qatune.tiny import build_model, build_tokenizer
+    from tests.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, seed=1)
@@ -112,7 +112,7 @@ def test_installed_head_gives_the_models_own_loss_and_lora_gradients(tiny_lora):
 
 
 def test_install_refuses_what_it_cannot_compute_exactly():
-    from qatune.tiny import build_model, build_tokenizer
+    from tests.tiny import build_model, build_tokenizer
 
     model = build_model(build_tokenizer(), seed=2)  # not wrapped in LoRA: the tied head is trainable
     with pytest.raises(QatuneError, match="frozen, bias-free LM head"):
@@ -135,7 +135,7 @@ def test_trl_trainers_built_inside_the_context_use_qatunes_head(tmp_path, monkey
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from qatune.tiny import build_model, build_tokenizer
+    from tests.tiny import build_model, build_tokenizer
 
     calls = []
     real_apply = lm_head.AnswerLogProbs.apply
@@ -186,7 +186,7 @@ def test_the_run_records_the_head_that_really_trained(method, head, tmp_path, mo
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from qatune import training
-    from qatune.tiny import build_model, build_tokenizer
+    from tests.tiny import build_model, build_tokenizer
 
     calls = []
     real_apply = lm_head.AnswerLogProbs.apply

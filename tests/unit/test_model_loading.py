@@ -13,7 +13,7 @@ import torch
 
 from qatune import modeling, training
 from qatune.hardware import Hardware
-from qatune.tiny import build_model, build_tokenizer
+from tests.tiny import build_model, build_tokenizer
 
 LORA = types.SimpleNamespace(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], bias="none")
 

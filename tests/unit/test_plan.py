@@ -11,7 +11,8 @@ import pytest
 
 from qatune import hardware, plan
 from qatune.errors import QatuneError
-from qatune.profiles import SEEDS, merged
+from qatune.profiles import merged
+from tests.seeds import SEEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9

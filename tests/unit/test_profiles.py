@@ -12,7 +12,6 @@ from qatune.errors import QatuneError
 from qatune.hardware import cuda_memory
 from qatune.profiles import (
     DEFAULTS_FILE,
-    SEEDS,
     apply,
     flatten,
     from_default,
@@ -24,6 +23,7 @@ from qatune.profiles import (
     show,
 )
 from qatune.training import training_report
+from tests.seeds import SEEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILES = sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml"))

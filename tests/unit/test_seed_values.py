@@ -20,7 +20,8 @@ import pytest
 from qatune import hardware, training
 from qatune.formats import FORMATS
 from qatune.modeling import lora_config
-from qatune.profiles import SEEDS, resolve
+from qatune.profiles import resolve
+from tests.seeds import SEEDS
 
 ROOT = Path(__file__).resolve().parents[2]
 WARMUP = "warmup steps of 1000"  # TrainingArguments.get_warmup_steps(1000): ratio and steps compared alike

@@ -14,7 +14,7 @@ from qatune import export, hub, inference, scoring
 from qatune.generation import after_answer, gguf_stop_tokens, greedy_answers, stop_tokens, until_stop
 from qatune.params import GenerateParams
 from qatune.templates import use_prompt_format
-from qatune.tiny import CHATML, build_model, build_tokenizer
+from tests.tiny import CHATML, build_model, build_tokenizer
 from tests.unit.test_chat_templates import FAMILIES, tokenizer_with
 
 # mistralai/Mistral-7B-Instruct-v0.1's tokenizer_config.json chat_template: the answer ends with eos_token.

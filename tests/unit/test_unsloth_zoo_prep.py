@@ -34,7 +34,7 @@ if importlib.util.find_spec("unsloth_zoo") is None:
     )
 
 from qatune.templates import sft_example, use_training_template  # noqa: E402
-from qatune.tiny import CHATML, MISTRAL, build_model, build_tokenizer  # noqa: E402
+from tests.tiny import CHATML, MISTRAL, build_model, build_tokenizer  # noqa: E402
 from tests.unit.test_chat_templates import CONVERSATION, FAMILIES, tokenizer_with  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,6 +1,6 @@
 """Tiny random models with small trained tokenizers, for tests and smoke runs (seconds on a CPU).
 
-    python -m qatune.tiny OUT_DIR [--family llama|qwen2|qwen3|gemma|mistral]
+    python -m tests.tiny OUT_DIR [--family llama|qwen2|qwen3|gemma|mistral]
 
 The tokenizer is a byte-level BPE trained in-process on a few KB of domain text (vocabulary ~400),
 with a ChatML chat template; the model is a random 2-layer config of the chosen family.
@@ -9,7 +9,6 @@ with a ChatML chat template; the model is a random 2-layer config of the chosen 
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
 CHATML = (
@@ -46,7 +45,7 @@ SPECIALS = [
 MISTRAL_SPECIALS = ["<s>", "</s>"]
 FAMILIES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "mistral": "mistral"}
 # The throwaway tokenizer's training text: a few sentences of the bundled dataset's kind (no trailing newline).
-CORPUS = (resources.files("qatune") / "data" / "tiny_corpus.txt").read_text(encoding="utf-8")
+CORPUS = (Path(__file__).parent / "fixtures" / "tiny_corpus.txt").read_text(encoding="utf-8")
 
 
 def build_tokenizer(vocab_size: int = 400, family: str = "llama"):
