@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -186,21 +185,33 @@ def test_killed_sft_resumes_from_its_last_checkpoint(project):
     proj = project(sft={"max_steps": 12, "save_steps": 2, "eval_steps": 2})
     data_stages(proj)
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen(
-        [sys.executable, "stages/sft.py"],
-        cwd=proj,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    # The real stage script in its own process, killed with SIGKILL right after it has written checkpoint-4: a
+    # wrapper around Trainer._save_checkpoint sends the signal, so the kill lands at the same step however fast
+    # the machine trains (12 tiny steps take under a second, faster than any poll).
+    kill_after_checkpoint_4 = (
+        "import os, runpy, signal\n"
+        "from transformers import Trainer\n"
+        "save = Trainer._save_checkpoint\n"
+        "def save_then_die(self, *args, **kwargs):\n"
+        "    save(self, *args, **kwargs)\n"
+        "    if self.state.global_step == 4:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "Trainer._save_checkpoint = save_then_die\n"
+        "runpy.run_path('stages/sft.py', run_name='__main__')\n"
     )
-    ckpt = proj / "models/sft-checkpoints/checkpoint-4/trainer_state.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert ckpt.exists(), "no checkpoint before the deadline"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    log = proj.parent / "killed-sft.log"
+    with log.open("wb") as out:
+        proc = subprocess.run(
+            [sys.executable, "-c", kill_after_checkpoint_4],
+            cwd=proj,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    checkpoints = sorted(p.name for p in (proj / "models/sft-checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    assert (proj / "models/sft-checkpoints/checkpoint-4/trainer_state.json").exists()
     assert not (proj / "metrics/sft.json").exists()
     params = yaml.safe_load((proj / "params.yaml").read_text())
     params["domain"]["tags"] = ["edited-after-the-kill"]
@@ -208,7 +219,7 @@ def test_killed_sft_resumes_from_its_last_checkpoint(project):
     (proj / "params.yaml").write_text(yaml.safe_dump(params))
     stage(proj, "sft")
     metrics = json.loads((proj / "metrics/sft.json").read_text())
-    assert metrics["resumed_from_step"] >= 4 and metrics["steps"] == 12
+    assert metrics["resumed_from_step"] == 4 and metrics["steps"] == 12
     history = list(csv.DictReader((proj / "metrics/sft/history.csv").open()))
     per_step = [float(r["loss"]) for r in history if r.get("loss")]  # logging_steps 1: one loss per step
     assert len(per_step) == 12
