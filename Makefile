@@ -61,11 +61,11 @@ repro: setup
 	$(BIN)/dvc repro
 
 test: setup
-	$(BIN)/pytest -n 2 -m "not slow" tests
+	$(BIN)/pytest -n 2 --dist worksteal -m "not slow" tests
 
 # The inner loop: the unit tier alone (no stage subprocesses, no browser; about 80 s on 2 cores)
 test-fast: setup
-	$(BIN)/pytest -n 2 -m "not slow" tests/unit
+	$(BIN)/pytest -n 2 --dist worksteal -m "not slow" tests/unit
 
 test-slow: setup
 	$(BIN)/pytest -m slow tests
@@ -105,7 +105,7 @@ test-cuda-stack: $(CUDA_STACK_STAMP)
 	PATH=$(abspath $(CUDA_STACK_BIN)):$$PATH VIRTUAL_ENV=$(abspath $(CUDA_STACK_VENV)) \
 	  $(CUDA_STACK_BIN)/python -c 'import transformers, trl, datasets, huggingface_hub, torch; print("cuda stack:", *(f"{m.__name__} {m.__version__}" for m in (transformers, trl, datasets, huggingface_hub, torch)))'
 	PATH=$(abspath $(CUDA_STACK_BIN)):$$PATH VIRTUAL_ENV=$(abspath $(CUDA_STACK_VENV)) \
-	  $(CUDA_STACK_BIN)/pytest -n 2 -m "not slow" tests/unit tests/stages
+	  $(CUDA_STACK_BIN)/pytest -n 2 --dist worksteal -m "not slow" tests/stages tests/unit
 
 lint: setup
 	$(BIN)/ruff check .
@@ -251,4 +251,4 @@ docker-chat: image-cpu
 	$(RUN) -p 127.0.0.1:$(CHAT_PORT):7860 $(IMAGE):cpu qatune chat --host 0.0.0.0 --port 7860
 
 docker-test: image-cpu-test
-	$(RUN) $(IMAGE):cpu-test pytest -n 2 -m "not slow" tests
+	$(RUN) $(IMAGE):cpu-test pytest -n 2 --dist worksteal -m "not slow" tests
