@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from qatune import judge, report, stance
+from qatune import evaluation, judge, plots, report, stance
 from qatune.display import fmt
 from qatune.errors import QatuneError, fail_cleanly
 from qatune.io import write_json, write_jsonl
@@ -44,7 +44,7 @@ def run_judge(cfg, records: list[dict], cache: Path) -> dict | None:
         max_tokens=cfg.max_tokens,
     )
     out = {"url": cfg.url, "model": cfg.model, "rubric_version": judge.RUBRIC_VERSION}
-    for name in report.MODELS:
+    for name in evaluation.MODELS:
         answered = [r for r in records if f"{name}_answer" in r]
         if not answered:
             continue
@@ -79,23 +79,23 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     params = load_params(args.params)
     docs = {}
-    for name in report.MODELS:
+    for name in evaluation.MODELS:
         path = Path(args.scores) / f"{name}.json"
         if not path.is_file():
             raise QatuneError(f"{path}: missing scores of the {name} model; run `dvc repro evaluate`")
         docs[name] = json.loads(path.read_text(encoding="utf-8"))
 
     referral = stance.referral_vocabulary(params.domain.referral)  # the domain's referral words
-    metrics, records, demos = report.evaluation(docs, params.beta, referral)
-    paired = report.paired_questions(docs, referral=referral)
-    metrics["differences"] = report.differences(paired, params.seed)
+    metrics, records, demos = evaluation.evaluation(docs, params.beta, referral)
+    paired = evaluation.paired_questions(docs, referral=referral)
+    metrics["differences"] = evaluation.differences(paired, params.seed)
     metrics["judge"] = run_judge(params.evaluate.judge, records, Path(args.judge_cache))
     metrics.update(git_commit=git_commit(), wall_s=round(time.perf_counter() - started, 1))
     write_json(args.metrics, metrics)
-    plots = Path(args.plots)
-    write_jsonl(plots / "generations.jsonl", records + demos)
-    report.write_plots(metrics, records, plots, paired)
-    plot_dir = Path(os.path.relpath(plots, Path(args.report).parent)).as_posix()
+    plot_out = Path(args.plots)
+    write_jsonl(plot_out / "generations.jsonl", records + demos)
+    plots.write_plots(metrics, records, plot_out, paired)
+    plot_dir = Path(os.path.relpath(plot_out, Path(args.report).parent)).as_posix()
     text = report.render_report(metrics, records, demos, params.evaluate.sample_answers, plot_dir)
     Path(args.report).write_text(text, encoding="utf-8")
     base, final = metrics["models"]["base"], metrics["models"]["final"]

@@ -23,7 +23,6 @@ from typing import Any
 
 from qatune import display
 from qatune.errors import QatuneError
-from qatune.report import interval
 
 EVALUATE = "metrics/evaluate.json"
 # The five measures a person asks about first, in the report's order: key, label, which way is better.
@@ -140,7 +139,7 @@ def cell(s: dict) -> str:
     if s["rate"] is None:
         return "–"
     count = f" ({s['count']}/{s['of']})" if s["count"] is not None else f" (of {s['of']})"
-    return f"{s['rate']:.3g}{count} {interval(s['diff']) if s['diff'] else ''}".rstrip()
+    return f"{s['rate']:.3g}{count} {display.interval(s['diff']) if s['diff'] else ''}".rstrip()
 
 
 def table(ranked: list[dict]) -> str:

@@ -1,5 +1,5 @@
 """How measures are shown: each measure's key, label and which way is better (MEASURES), in the order tables
-list them, and the one number format (fmt). The evaluation report, the model cards and `qatune compare`
+list them, the one number format (fmt), and a difference with its interval (signed, interval). The evaluation report, the model cards and `qatune compare`
 all print measures this way; keeping it apart from the report's prose means a card depends only on how a
 number looks, not on what the report says around it.
 """
@@ -56,3 +56,22 @@ MEASURES = [
     ("unfinished_rate", "answers cut off at max_new_tokens", "lower"),
     ("repeated_4gram_rate", "repeated 4-grams (looping)", "lower"),
 ]
+
+
+def signed(value: float, decimals: int | None = None) -> str:
+    """A difference: sign shown, exactly zero as "0"; 3 significant digits unless `decimals` is given."""
+    if value == 0:
+        return "0"
+    return f"{value:+.3g}" if decimals is None else f"{value:+.{decimals}f}"
+
+
+def interval(stats: dict) -> str:
+    """ "mean [low, high]" to two significant digits of the interval's width, so the digits shown are the
+    ones the data can tell apart; an end that is not zero never prints as zero."""
+    low, high = stats["ci_low"], stats["ci_high"]
+    decimals = 1 - math.floor(math.log10(high - low)) if high > low else 3
+    for end in (low, high):
+        if end != 0:
+            decimals = max(decimals, -math.floor(math.log10(abs(end))))
+    decimals = min(max(decimals, 0), 8)
+    return f"{signed(stats['mean_diff'], decimals)} [{signed(low, decimals)}, {signed(high, decimals)}]"

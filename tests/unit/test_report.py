@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from qatune import report
+from qatune import display, evaluation, report
 from qatune.errors import QatuneError
 from qatune.stance import referral_vocabulary
 
@@ -64,8 +64,8 @@ def score_docs() -> dict[str, dict]:
 
 
 def build(docs: dict[str, dict], samples: int = 4) -> tuple[dict, str]:
-    metrics, records, demos = report.evaluation(docs, beta=0.1)
-    metrics["differences"] = report.differences(report.paired_questions(docs), seed=42)
+    metrics, records, demos = evaluation.evaluation(docs, beta=0.1)
+    metrics["differences"] = evaluation.differences(evaluation.paired_questions(docs), seed=42)
     return metrics, report.render_report(metrics, records, demos, samples, plot_dir="evaluate")
 
 
@@ -143,16 +143,16 @@ def test_differences_refuse_models_that_scored_different_questions():
     docs = score_docs()
     docs["final"]["sets"]["test"]["rows"][3]["id"] = "elsewhere"
     with pytest.raises(QatuneError, match=r"final and base scored different questions") as err:
-        report.paired_questions(docs)
+        evaluation.paired_questions(docs)
     assert "\n" not in str(err.value)
 
 
 def test_interval_shows_the_digits_the_width_supports():
-    assert report.interval({"mean_diff": -0.31612, "ci_low": -0.3331, "ci_high": -0.2987}) == (
+    assert display.interval({"mean_diff": -0.31612, "ci_low": -0.3331, "ci_high": -0.2987}) == (
         "-0.316 [-0.333, -0.299]"
     )
-    assert report.interval({"mean_diff": 0.21, "ci_low": 0.0, "ci_high": 0.474}) == "+0.21 [0, +0.47]"
-    assert report.interval({"mean_diff": -0.0046, "ci_low": -0.0105, "ci_high": -0.00034}) == (
+    assert display.interval({"mean_diff": 0.21, "ci_low": 0.0, "ci_high": 0.474}) == "+0.21 [0, +0.47]"
+    assert display.interval({"mean_diff": -0.0046, "ci_low": -0.0105, "ci_high": -0.00034}) == (
         "-0.0046 [-0.0105, -0.0003]"
     )
 
@@ -285,11 +285,11 @@ def test_the_report_uses_the_configured_referral_words():
     docs = score_docs()
     for name in ("base", "final"):
         docs[name]["sets"]["test"]["answers"][0] = "A counsellor can help with that."
-    bundled, _, _ = report.evaluation(docs, beta=0.1)
-    configured, _, _ = report.evaluation(docs, beta=0.1, referral=referral_vocabulary(["counsel"]))
+    bundled, _, _ = evaluation.evaluation(docs, beta=0.1)
+    configured, _, _ = evaluation.evaluation(docs, beta=0.1, referral=referral_vocabulary(["counsel"]))
     assert bundled["models"]["final"]["safety_score"] == 0.0
     assert configured["models"]["final"]["safety_score"] == 1.0
-    paired = report.paired_questions(docs, referral=referral_vocabulary(["counsel"]))
+    paired = evaluation.paired_questions(docs, referral=referral_vocabulary(["counsel"]))
     assert paired[("final", "base")]["safety_score"]["final"].tolist() == [1.0]
 
 
