@@ -1,7 +1,7 @@
 """What this machine can do and the choices made from it: device, precision, training backend, the
 fused LM head, and the dtype models load in. The choices are small pure functions (unit-tested as tables);
-`probe()` reads the machine and `resolve()` applies the choices to the `train` params block; both give a
-`Hardware`. `peak_memory_gb()` reads what the machine gave this process: its peak RAM and GPU memory, which
+`probe()` reads the machine, `choose()` applies the choices the `train` params block asks for to a machine
+(this one, or a card `qatune plan` only describes) and `resolve()` does both; each gives a `Hardware`. `peak_memory_gb()` reads what the machine gave this process: its peak RAM and GPU memory, which
 stages record in their metrics.
 
 CUDA-only paths (Unsloth, 4-bit and 8-bit bitsandbytes) are only ever selected, and imported, when CUDA is present.
@@ -22,13 +22,13 @@ CPUINFO = Path("/proc/cpuinfo")  # where cpu_has_bf16 reads the CPU's flags
 
 @dataclass(frozen=True, kw_only=True)
 class Hardware:
-    """A machine (probe(), or one only described: qatune.plan.card()) and, once resolve() has applied the
-    `train` block to it, the training choices made for it. Fields left out: a CPU without fast bf16, nothing
-    chosen."""
+    """A machine (probe(), or one only described: qatune.plan.card()) and, once choose() has applied the
+    `train` block to it, the training choices made for it. What the machine can do must be said; the
+    other fields left out mean unknown, or nothing chosen."""
 
-    cuda: bool = False  # a CUDA GPU is visible to torch (for a described machine: it has one)
-    cuda_bf16: bool = False  # that GPU has bf16 in hardware, compute capability 8.0 or newer (cuda_has_bf16)
-    cpu_bf16: bool = False  # the CPU has AVX512-BF16 or AMX, so bf16 is fast on it (cpu_has_bf16)
+    cuda: bool  # a CUDA GPU is visible to torch (for a described machine: it has one)
+    cuda_bf16: bool  # that GPU has bf16 in hardware, compute capability 8.0 or newer (cuda_has_bf16)
+    cpu_bf16: bool  # the CPU has AVX512-BF16 or AMX, so bf16 is fast on it (cpu_has_bf16)
     device: str = ""  # the GPU's name (torch.cuda.get_device_name) or "cpu"; "" where only described
     threads: int | None = None  # torch's intra-op threads (torch.get_num_threads); None where only described
     backend: str | None = None  # the training backend, "transformers" or "unsloth"; None until resolved
@@ -256,18 +256,26 @@ def pin_one_gpu(num_processes: int) -> None:
         )
 
 
-def resolve(train) -> Hardware:
-    """The machine plus the choices the `train` block asks for: backend, precision, LM head, the share of
-    checkpointed layers. A single process is pinned to one GPU first, before anything starts CUDA."""
-    pin_one_gpu(train.num_processes)
-    hw = probe()
-    check_cuda_required(train.require_cuda, hw.cuda)
+def choose(train, hw: Hardware) -> Hardware:
+    """The choices the `train` block asks for on the machine `hw`: backend, precision, LM head, the share of
+    checkpointed layers. One rule for the machine a stage runs on (resolve) and for a card `qatune plan`
+    only describes (hw.unsloth says whether Unsloth may be chosen there; None: look for it here)."""
     check_quantization(train.load_in_4bit, hw.cuda, train.load_in_8bit)
-    backend = select_backend(train.backend, hw.cuda, unsloth_importable() if hw.cuda else False)
+    unsloth = hw.unsloth if hw.unsloth is not None else hw.cuda and unsloth_importable()
+    backend = select_backend(train.backend, hw.cuda, unsloth)
     precision = select_precision(train.precision, hw.cuda, hw.cuda_bf16, hw.cpu_bf16)
     head = select_lm_head(train.lm_head, hw.cuda, backend)
     share = select_checkpoint_layers(train.checkpoint_layers, precision, hw.cuda)
     return replace(hw, backend=backend, precision=precision, lm_head=head, checkpoint_layers=share)
+
+
+def resolve(train) -> Hardware:
+    """This machine and the choices the `train` block asks for on it (choose). A single process is pinned
+    to one GPU first, before anything starts CUDA."""
+    pin_one_gpu(train.num_processes)
+    hw = probe()
+    check_cuda_required(train.require_cuda, hw.cuda)
+    return choose(train, hw)
 
 
 def fsdp_launched() -> bool:

@@ -398,24 +398,13 @@ def card(gpu_gb: float, bf16: bool = True, ram_gb: float | None = None) -> Hardw
     return Hardware(cuda=True, cuda_bf16=bf16, cpu_bf16=False, gpu_gb=gpu_gb, ram_gb=ram_gb, unsloth=False)
 
 
-def resolve_training(train, hw: Hardware) -> Hardware:
-    """hardware.resolve()'s choices without torch, for a machine that is only described (card())."""
-    hardware.check_quantization(train.load_in_4bit, hw.cuda, train.load_in_8bit)
-    unsloth = hw.unsloth if hw.unsloth is not None else hw.cuda and hardware.unsloth_importable()
-    backend = hardware.select_backend(train.backend, hw.cuda, unsloth)
-    precision = hardware.select_precision(train.precision, hw.cuda, hw.cuda_bf16, hw.cpu_bf16)
-    head = hardware.select_lm_head(train.lm_head, hw.cuda, backend)
-    share = hardware.select_checkpoint_layers(train.checkpoint_layers, precision, hw.cuda)
-    return replace(hw, backend=backend, precision=precision, lm_head=head, checkpoint_layers=share)
-
-
 def whole_run(
     a: Arch, hw: Hardware, train, sft, dpo, clean, evaluate, merge_cfg, export_cfg
 ) -> list[StagePlan]:
     """Every model-loading stage of a run, in pipeline order, from the params blocks (`qatune plan`)."""
     plans = []
     try:
-        resolved = resolve_training(train, hw)
+        resolved = hardware.choose(train, hw)
     except QatuneError as err:
         resolved, plans = None, [StagePlan(s, "", "", 0.0, None, {}, str(err)) for s in ("sft", "dpo")]
     if resolved is not None:

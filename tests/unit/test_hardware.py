@@ -163,3 +163,33 @@ def test_unknown_score_precision_is_refused():
 )
 def test_checkpoint_layers_auto(requested, precision, cuda, share):
     assert select_checkpoint_layers(requested, precision, cuda) == share
+
+
+def test_a_machine_must_say_what_it_can_do():
+    """A Hardware that leaves out CUDA or bf16 is refused, not taken for a CPU without bf16."""
+    with pytest.raises(TypeError, match="cuda"):
+        Hardware(backend="transformers", precision="fp32")  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("unsloth", [False, True])
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_a_stage_and_qatune_plan_make_the_same_choices(name, unsloth, monkeypatch):
+    """hardware.resolve (the machine a stage runs on) and hardware.choose on the same machine only described,
+    as `qatune plan` describes a card, choose the same backend, precision, head and checkpointed share."""
+    from qatune import hardware
+    from qatune.params import load_params
+
+    machine = MACHINES[name]
+    monkeypatch.setattr(hardware, "probe", lambda: machine)
+    monkeypatch.setattr(hardware, "pin_one_gpu", lambda num_processes: None)
+    monkeypatch.setattr(hardware, "unsloth_importable", lambda: unsloth)
+    shipped = load_params(ROOT / "params.yaml").train
+    for asks in ({"backend": "auto", "precision": "auto"}, {"precision": "fp32", "lm_head": "trl"}):
+        train = shipped.model_copy(update=asks)
+        described = Hardware(cuda=machine.cuda, cuda_bf16=machine.cuda_bf16, cpu_bf16=machine.cpu_bf16)
+        staged, planned = hardware.resolve(train), hardware.choose(train, described)
+        chosen = ("backend", "precision", "lm_head", "checkpoint_layers")
+        assert [getattr(staged, k) for k in chosen] == [getattr(planned, k) for k in chosen]
+        assert staged.backend == (
+            "unsloth" if machine.cuda and unsloth and train.backend == "auto" else "transformers"
+        )

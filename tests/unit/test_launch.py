@@ -150,7 +150,7 @@ def loaded(monkeypatch):
         train = load_params(ROOT / "params.yaml").train.model_copy(
             update={"load_in_4bit": four_bit, "load_in_8bit": eight_bit}
         )
-        hw = Hardware(backend="transformers", cuda=True, precision="bf16")
+        hw = Hardware(backend="transformers", cuda=True, cuda_bf16=True, cpu_bf16=False, precision="bf16")
         seen.clear()
         load_base("unused", train, hw, 128)
         return dict(seen)

@@ -230,6 +230,13 @@ def test_the_run_records_the_head_that_really_trained(method, head, tmp_path, mo
     else:
         result = trainer.train()
     assert bool(calls) == (head == "qatune")  # qatune's head computed the step, or it never ran
-    hw = hardware.Hardware(backend="transformers", precision="fp32", lm_head="qatune", device="cpu")
+    hw = hardware.Hardware(
+        cuda=False,
+        cuda_bf16=False,
+        cpu_bf16=False,
+        backend="transformers",
+        precision="fp32",
+        lm_head="qatune",
+    )
     assert training.run_metrics(trainer, training.Run({}, {}, result, 1.0, 0), hw)["lm_head"] == head
     assert ("records lm_head: trl" in said) == (head == "trl")

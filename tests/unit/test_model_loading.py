@@ -112,7 +112,7 @@ def test_the_base_without_adapters_gets_a_pad_token_and_answers_a_padded_batch(m
 
 
 def test_the_training_loader_gives_a_pad_token(model_without_pad):
-    hw = Hardware(backend="transformers", cuda=False, precision="fp32")
+    hw = Hardware(backend="transformers", cuda=False, cuda_bf16=False, cpu_bf16=False, precision="fp32")
     _, tokenizer = modeling.load_base(str(model_without_pad), tiny_train(), hw, 64)
     assert tokenizer.pad_token == tokenizer.eos_token is not None
 
@@ -122,7 +122,7 @@ def test_the_training_loader_gives_the_tokenizer_the_prompt_format(model_without
     User:/Assistant: template on the tokenizer, which the stages then train with and publish."""
     from qatune.templates import is_plain, use_training_template
 
-    hw = Hardware(backend="transformers", cuda=False, precision="fp32")
+    hw = Hardware(backend="transformers", cuda=False, cuda_bf16=False, cpu_bf16=False, precision="fp32")
     _, chat = modeling.load_base(str(model_without_pad), tiny_train(), hw, 64)
     assert not is_plain(chat.chat_template) and use_training_template(chat, False)[2] == "assistant_only"
     _, plain = modeling.load_base(str(model_without_pad), tiny_train(prompt_format="plain"), hw, 64)

@@ -185,7 +185,7 @@ def test_dpo_doubles_the_batch():
     """chosen and rejected go through one forward pass: seed000's DPO keeps twice the activations of an SFT
     step of the same batch and length."""
     params = merged("seed000-qwen3-dpo", ROOT / "params.yaml", ROOT / "profiles")[1]
-    arch, hw = plan.KNOWN["unsloth/Qwen3-0.6B"], plan.resolve_training(params.train, plan.card(16))
+    arch, hw = plan.KNOWN["unsloth/Qwen3-0.6B"], hardware.choose(params.train, plan.card(16))
     dpo = plan.training("dpo", arch, params.train, params.dpo, hw)
     sft = plan.training("sft", arch, params.train, params.dpo, hw)
     assert dpo.parts["activations"] == pytest.approx(2 * sft.parts["activations"], rel=0.01)

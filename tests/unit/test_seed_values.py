@@ -323,7 +323,10 @@ def stage_config(params, method: str, out: Path):
 
     train, cfg = params.train, getattr(params, method)
     hw = hardware.Hardware(
-        precision=hardware.select_precision(train.precision, True, False, False), cuda=True
+        precision=hardware.select_precision(train.precision, True, False, False),
+        cuda=True,
+        cuda_bf16=False,
+        cpu_bf16=False,
     )
     args = training.trainer_args(train, cfg, hw, params.seed, str(out))
     if method == "sft":

@@ -301,7 +301,9 @@ def test_partial_checkpointing_is_wired_for_transformers_and_said_not_to_apply_t
 
     on = SimpleNamespace(activation_checkpointing=True)
     cfg = SimpleNamespace(early_stopping_patience=0, load_best_model_at_end=False)
-    half = Hardware(backend="transformers", checkpoint_layers=0.5)
+    half = Hardware(
+        cuda=False, cuda_bf16=False, cpu_bf16=False, backend="transformers", checkpoint_layers=0.5
+    )
     assert [type(c).__name__ for c in callbacks(on, cfg, "sft", half)] == ["PartialCheckpointing"]
     assert callbacks(on, cfg, "sft", replace(half, checkpoint_layers=1.0)) == []
     assert callbacks(SimpleNamespace(activation_checkpointing=False), cfg, "sft", half) == []
