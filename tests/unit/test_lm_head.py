@@ -237,6 +237,7 @@ def test_the_run_records_the_head_that_really_trained(method, head, tmp_path, mo
         backend="transformers",
         precision="fp32",
         lm_head="qatune",
+        device="cpu",
     )
     assert training.run_metrics(trainer, training.Run({}, {}, result, 1.0, 0), hw)["lm_head"] == head
     assert ("records lm_head: trl" in said) == (head == "trl")
