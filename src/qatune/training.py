@@ -583,6 +583,19 @@ def relaunch_distributed(train) -> None:
     raise SystemExit(subprocess.call(cmd, env=env))
 
 
+def stable_adapter_config(folder: Path) -> None:
+    """peft writes LoraConfig.target_modules, a set, in the order this process's string hashing gives it, so
+    the same adapter trained twice gets two different adapter_config.json files: a new DVC hash for every
+    stage after training, and a new upload to the Hub. Sorted, it is the same file every run."""
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")  # peft's own layout
+
+
 def save_on_every_rank(trainer, out: Path) -> None:
     """What a rank other than 0 does when the run ends: under FSDP it takes part in gathering the adapter
     (FULL_STATE_DICT is a collective; rank 0 writes it in save_run), otherwise nothing."""
@@ -722,6 +735,7 @@ def save_run(
     out = Path(args.out)
     trainer.save_model(str(out))
     drop_other_adapters(trainer.model, out)
+    stable_adapter_config(out)
     tokenizer.chat_template = template
     tokenizer.save_pretrained(out)
     metrics.update(peak_memory_gb())

@@ -312,3 +312,42 @@ def test_partial_checkpointing_is_wired_for_transformers_and_said_not_to_apply_t
     assert capsys.readouterr().out.strip() == (
         "train.checkpoint_layers: 0.5 does not apply to the unsloth backend, which checkpoints every layer its own way"
     )
+
+
+def test_an_adapters_config_is_the_same_file_whatever_the_hash_seed(tmp_path):
+    """peft saves target_modules (a set) in hash order; qatune sorts it, so two runs that train the same
+    adapter write the same adapter_config.json (the same DVC hash, no new Hub upload). Two processes with
+    different PYTHONHASHSEED save one LoraConfig; peft must still read the file back."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from peft import LoraConfig; from qatune.training import "
+        "stable_adapter_config\n"
+        "targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']\n"
+        "LoraConfig(r=4, target_modules=targets).save_pretrained(sys.argv[1])\n"
+        "raw = (Path(sys.argv[1]) / 'adapter_config.json').read_text()\n"
+        "if sys.argv[2] == 'sort': stable_adapter_config(Path(sys.argv[1]))\n"
+        "print(raw)\n"
+    )
+    files, raw = {}, set()
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(out), "sort"],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        raw.add(done.stdout)
+        files[seed] = (out / "adapter_config.json").read_bytes()
+    assert len(raw) > 1  # peft alone writes a different file under a different hash seed
+    assert len(set(files.values())) == 1
+    from peft import LoraConfig
+
+    config = LoraConfig.from_pretrained(str(tmp_path / "1"))
+    assert config.r == 4 and sorted(config.target_modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
